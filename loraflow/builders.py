@@ -1,0 +1,122 @@
+"""Library objects built from config, in one place: backend, dtype, BitsAndBytes, PEFT and SFT configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from loraflow.config import LoraSettings, ModelConfig, TrainSettings
+from loraflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """auto: Unsloth on CUDA where it is installed, else transformers (bitsandbytes on CUDA, full precision on CPU)."""
+    if requested == "unsloth":
+        if not cuda_available():
+            raise ConfigError("model.backend: unsloth needs a CUDA GPU; use backend auto or transformers on this machine")
+        if importlib.util.find_spec("unsloth") is None:
+            raise ConfigError("model.backend: unsloth is not installed (pip install 'loraflow[gpu]')")
+        return "unsloth"
+    if requested == "auto":
+        return "unsloth" if cuda_available() and importlib.util.find_spec("unsloth") is not None else "transformers"
+    return requested
+
+
+def resolve_dtype(requested: str) -> Any:
+    """auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if not cuda_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_bnb_config(dtype: Any) -> Any:
+    """QLoRA's NF4: 4-bit normal-float weights, double quantization, compute in the training dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def build_peft_config(lora: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def packing_enabled(train: TrainSettings, backend: str, attn_implementation: str | None) -> bool:
+    """Packing concatenates short examples; it is only safe where attention respects example boundaries.
+
+    Unsloth and flash-attention read the packed position ids and keep attention within each example;
+    plain sdpa/eager attention would let examples see each other, so auto leaves packing off there.
+    """
+    supported = backend == "unsloth" or (attn_implementation or "").startswith("flash_attention")
+    if train.packing == "true" and not supported:
+        raise ConfigError(
+            "train.packing: true needs backend unsloth or flash-attention (else packed examples attend to each "
+            "other); set train.packing to auto or false"
+        )
+    return train.packing == "true" or (train.packing == "auto" and supported)
+
+
+def build_sft_config(
+    train: TrainSettings, model_cfg: ModelConfig, backend: str, dtype: Any, output_dir: Path, packing: bool
+) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    on_cuda = cuda_available()
+    optimizer = train.optimizer if train.optimizer != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        warmup_steps=train.warmup_steps,
+        max_steps=train.max_steps or -1,
+        num_train_epochs=train.num_epochs or 1.0,
+        learning_rate=train.learning_rate,
+        optim=optimizer,
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler,
+        seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        max_length=model_cfg.max_seq_length,
+        dataset_text_field="text",
+        completion_only_loss=train.completion_only_loss,
+        packing=packing,
+        # attach-LoRA already turned checkpointing on (Unsloth's or PEFT's); the trainer must not redo it.
+        gradient_checkpointing=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )

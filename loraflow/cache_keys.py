@@ -1,0 +1,46 @@
+"""What each cached output depends on, spelled out. Prefect's DEFAULT policy includes the flow-run id and
+never hits across runs, so every cached task uses a key built here from its real inputs."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from loraflow.config import FinetuneConfig
+from loraflow.fingerprint import stable_hash
+
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo")
+
+
+def library_versions() -> dict[str, str | None]:
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in TRAINING_LIBRARIES}
+
+
+def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
+    """The adapter depends on: data, split, template, model (name, revision, precision), LoRA, training
+    settings, backend and library versions. Not on infer, output or hub settings."""
+    return stable_hash(
+        data_sha256,
+        eval_sha256,
+        cfg.data.eval_fraction,
+        cfg.data.seed,
+        cfg.prompt,
+        cfg.model.name,
+        cfg.model.revision,
+        cfg.model.load_in_4bit,
+        cfg.model.max_seq_length,
+        cfg.model.dtype,
+        cfg.lora,
+        cfg.train,
+        backend,
+        library_versions(),
+    )
+
+
+def adapter_key(train_cache_key: str) -> str:
+    return f"adapters/{train_cache_key}"

@@ -1,0 +1,111 @@
+"""`loraflow run`: validate the config and the data, then run the finetune flow.
+
+Exit codes: 0 success; 2 invalid usage, config or data (last stderr line `error: ...`, no traceback,
+nothing loaded); 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        fail(EXIT_INPUT, f"{self.prog}: {message}")
+
+
+def fail(code: int, message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="loraflow", description="LoRA/QLoRA fine-tuning as a Prefect flow.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    run = commands.add_parser("run", help="run the finetune flow once, here")
+    run.add_argument("--config", help="YAML config (see deployments/configs/)")
+    run.add_argument("--dataset", help="training data URI (data.uri)")
+    run.add_argument("--eval-dataset", help="eval data URI (data.eval_uri)")
+    run.add_argument("--model", help="model name or path (model.name)")
+    run.add_argument("--output", help="output folder (output.dir)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config key; repeatable; the value is read as YAML")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from loraflow.config import parse_assignment
+
+    named = {
+        "data": {k: v for k, v in (("uri", args.dataset), ("eval_uri", args.eval_dataset)) if v},
+        "model": {"name": args.model} if args.model else {},
+        "output": {"dir": args.output} if args.output else {},
+    }
+    return [{section: values} for section, values in named.items() if values] + [parse_assignment(s) for s in args.set]
+
+
+def preflight(cfg: Any) -> None:
+    """Everything that can be wrong with the input, found before Prefect starts or a model loads."""
+    from loraflow.builders import choose_backend
+    from tasks.fetch_dataset import fetch_dataset
+
+    fetch_dataset(cfg.data.uri)
+    if cfg.data.eval_uri:
+        fetch_dataset(cfg.data.eval_uri)
+    choose_backend(cfg.model.backend)
+
+
+def print_result(summary: dict[str, Any]) -> None:
+    print("\nsmoke-infer answers:")
+    for item in summary["smoke_answers"]:
+        expected = "" if item["expected"] is None else f"   (expected {item['expected']})"
+        print(f"  {item['input'] or '-'} -> {item['answer']}{expected}")
+    if summary["eval_accuracy"] is not None:
+        print(f"eval accuracy: {summary['eval_accuracy']:.3f} on {summary['num_eval_examples']} held-out examples")
+    print(f"train loss: {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f} "
+          f"in {summary['train_steps']} steps")
+    print(f"adapter saved to: {summary['adapter_dir']}")
+    print(f"summary: {os.path.join(summary['adapter_dir'], 'summary.json')}")
+    if summary["hub_url"]:
+        print(f"pushed to: {summary['hub_url']}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from loraflow.config import load_config
+    from loraflow.errors import LoraflowInputError
+
+    try:
+        cfg = load_config(args.config, overrides_from(args))
+        preflight(cfg)
+    except LoraflowInputError as exc:
+        fail(EXIT_INPUT, str(exc))
+
+    from flows.finetune import finetune
+
+    state = finetune(config=cfg, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        code = EXIT_INPUT if isinstance(exc, LoraflowInputError) else EXIT_FAILED
+        fail(code, f"flow run {state.name}: {exc}")
+    print_result(state.result())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run_command(args)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

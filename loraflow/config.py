@@ -1,0 +1,214 @@
+"""The flow's one parameter: a typed, validated description of a fine-tuning job.
+
+Every section is a pydantic model, so Prefect validates a run's parameters and renders them as a form.
+Rules that span fields live in validators here and are checked once, at the flow's door; tasks receive
+their section and trust it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.errors import ConfigError
+
+NOTEBOOK_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BUILTIN_TEMPLATES = ("alpaca", "alpaca_zh", "chat")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    uri: str = Field(description="Training data: local .json/.jsonl/.csv/.parquet, s3://, http(s)://, or a hub id.")
+    eval_uri: str | None = Field(None, description="Separate eval file; when unset, eval_fraction is split off.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out when eval_uri is unset.")
+    seed: int = Field(3407, description="Seed of the train/eval split.")
+
+
+class PromptConfig(Section):
+    template: str = Field(
+        "alpaca",
+        description="alpaca | alpaca_zh | chat (tokenizer's chat template) | a custom string with "
+        "{instruction}, {input} and {output}.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _custom_template_has_fields(cls, template: str) -> str:
+        if template in BUILTIN_TEMPLATES:
+            return template
+        missing = [f for f in ("{instruction}", "{output}") if f not in template]
+        if missing:
+            raise ValueError(
+                f"a custom template must contain {' and '.join(missing)} (or be one of {', '.join(BUILTIN_TEMPLATES)})"
+            )
+        if not template.rstrip().endswith("{output}"):
+            raise ValueError("a custom template must end with {output}: generation continues from there")
+        unknown = set(re.findall(r"\{(\w*)\}", template)) - {"instruction", "input", "output"}
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{instruction}}, {{input}}, {{output}}")
+        return template
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id, local folder, local .gguf file, or a built-in loraflow:<name>.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    backend: Literal["auto", "unsloth", "transformers"] = "auto"
+    load_in_4bit: bool = Field(True, description="QLoRA: NF4 base weights (needs CUDA).")
+    max_seq_length: int = Field(2048, gt=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bf16 where supported, else fp16 on GPU, fp32 on CPU."
+    )
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(default_factory=lambda: list(NOTEBOOK_TARGET_MODULES), min_length=1)
+    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads `true`/`false` as booleans; the field keeps one spelling.
+        return str(value).lower() if isinstance(value, bool) else value
+
+
+class TrainSettings(Section):
+    per_device_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_steps: int | None = Field(60, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
+    num_epochs: float | None = Field(None, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    optimizer: str = Field("auto", description="auto = adamw_8bit on CUDA, adamw_torch on CPU; or any HF optim name.")
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: str = "linear"
+    seed: int = 3407
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(10000, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    completion_only_loss: bool = Field(False, description="Loss on the responses only (the notebook trains on the whole text).")
+    packing: Literal["auto", "true", "false"] = Field(
+        "auto", description="Padding-free packing of short examples; auto = on where the backend supports it."
+    )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _has_a_length(self) -> "TrainSettings":
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("set train.max_steps or train.num_epochs")
+        return self
+
+
+class InferPrompt(Section):
+    instruction: str = Field(min_length=1)
+    input: str = ""
+
+
+class InferSettings(Section):
+    prompts: list[InferPrompt] = Field(default_factory=list)
+    max_new_tokens: int = Field(64, gt=0)
+    max_eval_examples: int = Field(64, ge=0, description="How many eval rows smoke-infer generates for.")
+
+
+class OutputSettings(Section):
+    dir: str = Field("outputs/run", description="Where the adapter, tokenizer and summary.json are written.")
+    store: str = Field(".loraflow/store", description="Artifact and result store: a local folder or s3://bucket/prefix.")
+
+
+class HubSettings(Section):
+    repo_id: str | None = Field(None, description="Push to this Hub repo; the token comes from the hf-token block or HF_TOKEN.")
+    private: bool = True
+
+
+class FinetuneConfig(Section):
+    data: DataConfig
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    model: ModelConfig
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    infer: InferSettings = Field(default_factory=InferSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "FinetuneConfig":
+        if self.data.eval_uri is None and self.data.eval_fraction == 0.0 and not self.infer.prompts:
+            raise ValueError("nothing for smoke-infer to try: set data.eval_uri, data.eval_fraction > 0 or infer.prompts")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML file, then partial overrides (dicts or `section.key=value` strings), validated once.
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge `override` into a copy of `base`; nested dicts merge, everything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_assignment(assignment: str) -> dict[str, Any]:
+    """`train.max_steps=5` -> {"train": {"max_steps": 5}}; the value is read as YAML (numbers, lists, null)."""
+    path, sep, raw = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> FinetuneConfig:
+    """Validate a raw dict; errors name the source and each offending field."""
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+) -> FinetuneConfig:
+    raw = read_config_file(path) if path else {}
+    for override in overrides or []:
+        raw = deep_merge(raw, override)
+    return build_config(raw, source=str(path) if path else "config")

@@ -1,0 +1,17 @@
+"""Errors a user can fix by changing their input; the CLI turns them into exit code 2 and one `error:` line."""
+
+
+class LoraflowInputError(Exception):
+    """Bad usage, config or data: nothing was loaded, nothing is lost, fix the input and rerun."""
+
+
+class ConfigError(LoraflowInputError):
+    """The config (file, --set override or flow parameter) is invalid."""
+
+
+class DatasetError(LoraflowInputError):
+    """The dataset is unreadable or malformed; the message names the file, the row and the field."""
+
+
+class QualityGateError(Exception):
+    """smoke-infer's answers are unusable (empty, or never reached EOS)."""

@@ -1,0 +1,89 @@
+"""The artifact store: adapters, checkpoints and run summaries under content-addressed keys.
+
+A folder is published as `<key>/` plus `<key>/manifest.json`, the manifest written last and listing every
+file with its size and sha256. Readers trust only folders whose manifest exists, so nobody sees half an
+artifact; two writers of the same key write the same content, and the last rename or manifest wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+from loraflow.fingerprint import sha256_file
+
+MANIFEST = "manifest.json"
+
+
+def build_manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {
+        "created_at": time.time(),
+        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
+
+
+class Store(Protocol):
+    uri: str
+
+    def has(self, key: str) -> bool: ...
+    def put_folder(self, folder: Path, key: str) -> str: ...
+    def get_folder(self, key: str, destination: Path) -> Path: ...
+    def put_bytes(self, data: bytes, key: str) -> str: ...
+
+
+class LocalStore:
+    """A folder on disk (the embedded default)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def has(self, key: str) -> bool:
+        return (self.root / key / MANIFEST).is_file()
+
+    def put_folder(self, folder: Path, key: str) -> str:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            (staging / MANIFEST).write_text(json.dumps(build_manifest(staging), indent=1))
+            if target.exists():  # same key = same content: keep the one already published
+                return str(target)
+            os.rename(staging, target)
+        except OSError:
+            if not self.has(key):
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target)
+
+    def get_folder(self, key: str, destination: Path) -> Path:
+        if not self.has(key):
+            raise FileNotFoundError(f"{self.root / key}: no complete artifact (no {MANIFEST})")
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.root / key, destination, dirs_exist_ok=True)
+        (destination / MANIFEST).unlink(missing_ok=True)
+        return destination
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        staging.write_bytes(data)
+        os.replace(staging, target)
+        return str(target)
+
+
+def open_store(uri: str) -> Store:
+    if uri.startswith("s3://"):
+        from loraflow.s3_store import S3Store
+
+        return S3Store(uri)
+    return LocalStore(uri)

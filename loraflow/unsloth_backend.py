@@ -1,0 +1,48 @@
+"""The only module that imports Unsloth: its import patches transformers, so nothing else may trigger it.
+
+The flow imports this module first thing when the run's backend is unsloth, before transformers, TRL or
+PEFT load, which is the order Unsloth needs to apply all of its kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraflow.config import LoraSettings, ModelConfig
+
+import unsloth  # noqa: F401  (must precede transformers; see the module docstring)
+from unsloth import FastLanguageModel
+
+
+def load(model_path: str, cfg: ModelConfig, dtype: Any) -> tuple[Any, Any]:
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        revision=cfg.revision,
+        max_seq_length=cfg.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=cfg.load_in_4bit,
+    )
+    return model, tokenizer
+
+
+def attach_lora(model: Any, lora: LoraSettings, max_seq_length: int, seed: int) -> Any:
+    checkpointing: Any = {"unsloth": "unsloth", "true": True, "false": False}[lora.gradient_checkpointing]
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=list(lora.target_modules),
+        use_gradient_checkpointing=checkpointing,
+        random_state=seed,
+        max_seq_length=max_seq_length,
+    )
+
+
+def for_inference(model: Any) -> None:
+    FastLanguageModel.for_inference(model)
+
+
+def for_training(model: Any) -> None:
+    FastLanguageModel.for_training(model)

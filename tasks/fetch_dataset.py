@@ -1,0 +1,222 @@
+"""fetch-dataset: read instruction records from a file, S3, HTTP or the Hub, and validate every row.
+
+A bad dataset fails here, before any model is loaded, with one message naming the file, the row and the
+field. The rows that come out are plain dicts {instruction, input, output} of non-blank strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect import task
+
+from loraflow.errors import DatasetError
+from loraflow.retries import retry_transient
+
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input",)
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    uri: str
+    rows: list[dict[str, str]]
+    sha256: str  # of the bytes read (for a Hub dataset: of its rows as canonical JSON lines)
+
+
+def fetch_dataset(uri: str) -> Dataset:
+    """Read and validate the dataset at `uri`."""
+    if uri.startswith("s3://"):
+        raw, name = read_s3(uri), uri
+    elif uri.startswith(("http://", "https://")):
+        raw, name = read_http(uri), uri
+    elif not Path(uri).exists() and HUB_ID.match(uri):
+        return read_hub_dataset(uri)
+    else:
+        raw, name = read_local(uri), uri
+    records = parse_records(raw, name)
+    return Dataset(uri=uri, rows=validate_rows(records, name), sha256=hashlib.sha256(raw).hexdigest())
+
+
+# --- reading bytes -----------------------------------------------------------------------------------------
+
+
+def read_local(path: str) -> bytes:
+    file = Path(path)
+    if not file.is_file():
+        raise DatasetError(f"{path}: no such file")
+    return file.read_bytes()
+
+
+def read_s3(uri: str) -> bytes:
+    from loraflow.s3 import s3_client, split_s3_uri
+
+    bucket, key = split_s3_uri(uri)
+    client = s3_client()
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        raise DatasetError(f"{uri}: no such object") from None
+    except client.exceptions.NoSuchBucket:
+        raise DatasetError(f"{uri}: no such bucket {bucket!r}") from None
+
+
+def read_http(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "loraflow"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise  # transient: the task retries it
+        raise DatasetError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+
+
+def read_hub_dataset(dataset_id: str) -> Dataset:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DatasetError(f"{dataset_id}: not a local file, and the Hub is offline (HF_HUB_OFFLINE=1)")
+    import datasets
+
+    loaded = datasets.load_dataset(dataset_id, split="train")
+    rows = validate_rows([(f"row {i}", record) for i, record in enumerate(loaded, start=1)], dataset_id)
+    canonical = "\n".join(json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows).encode()
+    return Dataset(uri=dataset_id, rows=rows, sha256=hashlib.sha256(canonical).hexdigest())
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+
+def suffix_of(name: str) -> str:
+    path = urlparse(name).path if "://" in name else name
+    return Path(path).suffix.lower()
+
+
+def parse_records(raw: bytes, name: str) -> list[tuple[str, Any]]:
+    """Bytes -> [(where, record)], `where` being how an error should point at the record."""
+    suffix = suffix_of(name)
+    if suffix == ".parquet":
+        return parse_parquet(raw, name)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DatasetError(f"{name}: unsupported file type {suffix or '(none)'}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{name}: not UTF-8 (invalid byte at offset {exc.start})") from None
+    if suffix == ".jsonl":
+        return parse_jsonl(text, name)
+    if suffix == ".csv":
+        return parse_csv(text, name)
+    return parse_json(text, name)
+
+
+def parse_json(text: str, name: str) -> list[tuple[str, Any]]:
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{name}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(loaded, list):
+        raise DatasetError(
+            f"{name}: expected a JSON array of records [{{instruction, input, output}}, ...], got a {json_type(loaded)}"
+        )
+    return [(f"row {i}", record) for i, record in enumerate(loaded, start=1)]
+
+
+def parse_jsonl(text: str, name: str) -> list[tuple[str, Any]]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{name}: line {lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    return records
+
+
+def parse_csv(text: str, name: str) -> list[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    missing = [field for field in REQUIRED_FIELDS if field not in header]
+    if missing:
+        raise DatasetError(f"{name}: CSV header has no column {', '.join(repr(m) for m in missing)} (found: {header})")
+    # Row numbers count data rows from 1; the file line is one more because of the header.
+    return [(f"row {i} (line {reader.line_num})", dict(record)) for i, record in enumerate(reader, start=1)]
+
+
+def parse_parquet(raw: bytes, name: str) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(raw))
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DatasetError(f"{name}: not a readable Parquet file ({exc})") from None
+    missing = [field for field in REQUIRED_FIELDS if field not in table.column_names]
+    if missing:
+        raise DatasetError(f"{name}: Parquet file has no column {', '.join(repr(m) for m in missing)}")
+    return [(f"row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+def json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def validate_rows(records: list[tuple[str, Any]], name: str) -> list[dict[str, str]]:
+    if not records:
+        raise DatasetError(f"{name}: the dataset has no rows")
+    return [validate_row(record, f"{name}: {where}") for where, record in records]
+
+
+def validate_row(record: Any, where: str) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected an object with instruction, input, output; got a {json_type(record)}")
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            raise DatasetError(f"{where}: field '{field}' is missing")
+    row = {}
+    for field in ("instruction", "input", "output"):
+        value = record.get(field)
+        if value is None and field in OPTIONAL_FIELDS:
+            value = ""
+        if not isinstance(value, str):
+            raise DatasetError(f"{where}: field '{field}' must be a string, got {json_type(value)}")
+        if field in REQUIRED_FIELDS and not value.strip():
+            raise DatasetError(f"{where}: field '{field}' is blank")
+        row[field] = value
+    return row
+
+
+def fetch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """Key fetch-dataset by what the bytes are, not where they are: a changed row changes the key."""
+    from loraflow.fingerprint import dataset_fingerprint
+
+    fingerprint = dataset_fingerprint(parameters["uri"])
+    return None if fingerprint is None else f"fetch-dataset-{fingerprint}"
+
+
+@task(
+    name="fetch-dataset",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_transient,
+    cache_key_fn=fetch_cache_key,
+    persist_result=True,
+)
+def fetch_dataset_task(uri: str) -> Dataset:
+    """Read and validate the training (or eval) dataset."""
+    return fetch_dataset(uri)

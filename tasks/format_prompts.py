@@ -1,0 +1,126 @@
+"""format-prompts: render every row with the template (EOS appended) and split off a seeded eval set."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+
+from loraflow.config import DataConfig, InferSettings, PromptConfig
+from loraflow.fingerprint import stable_hash
+from loraflow.logs import run_logger
+from loraflow.models import resolve_model
+from loraflow.templates import render
+from tasks.fetch_dataset import Dataset
+
+MAX_LABELS = 20  # more distinct answers than this is free text, not a label set
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    prompt: str  # the template up to the response, where generation starts
+    answer: str | None  # the expected output (None for infer.prompts)
+    instruction: str
+    input: str
+
+
+@dataclass(frozen=True)
+class Prompts:
+    train_prompts: list[str]  # the template up to the response
+    train_completions: list[str]  # the response and EOS; prompt + completion is the training text
+    eval_examples: list[EvalExample]
+    infer_prompts: list[EvalExample]  # from infer.prompts, rendered the same way
+    labels: list[str] | None  # the closed label set, when the outputs form one
+    eos_token: str
+
+    @property
+    def train_texts(self) -> list[str]:
+        return [p + c for p, c in zip(self.train_prompts, self.train_completions)]
+
+
+def split_rows(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then the first round(n × fraction) rows (at least 1 when fraction > 0) are held out."""
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    held_out = 0 if fraction == 0 else max(1, round(len(shuffled) * fraction))
+    held_out = min(held_out, len(shuffled) - 1)  # keep at least one row to train on
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+def closed_label_set(train_rows: list[dict[str, str]], eval_rows: list[dict[str, str]]) -> list[str] | None:
+    labels = {row["output"].strip() for row in train_rows}
+    if not eval_rows or len(labels) > MAX_LABELS or len(labels) * 2 > len(train_rows):
+        return None
+    if any(row["output"].strip() not in labels for row in eval_rows):
+        return None
+    return sorted(labels)
+
+
+def load_tokenizer(model_name: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model_name), revision=revision)
+
+
+def format_prompts(
+    train: Dataset,
+    eval_dataset: Dataset | None,
+    prompt: PromptConfig,
+    data: DataConfig,
+    infer: InferSettings,
+    tokenizer: Any,
+) -> Prompts:
+    """Rows -> training texts, eval prompts with expected answers, and the smoke-test prompts."""
+    if eval_dataset is not None:
+        train_rows, eval_rows = train.rows, eval_dataset.rows
+    else:
+        train_rows, eval_rows = split_rows(train.rows, data.eval_fraction, data.seed)
+    def example(row: dict[str, str], answer: str | None) -> EvalExample:
+        text = render(prompt.template, row, tokenizer, with_output=False)
+        return EvalExample(text, answer, row["instruction"], row.get("input", ""))
+
+    texts = [(example(row, None).prompt, render(prompt.template, row, tokenizer)) for row in train_rows]
+    prompts = Prompts(
+        train_prompts=[head for head, _ in texts],
+        train_completions=[text[len(head) :] for head, text in texts],
+        eval_examples=[example(row, row["output"].strip()) for row in eval_rows],
+        infer_prompts=[example({"instruction": p.instruction, "input": p.input}, None) for p in infer.prompts],
+        labels=closed_label_set(train_rows, eval_rows),
+        eos_token=tokenizer.eos_token,
+    )
+    run_logger().info(
+        "format-prompts: %d train texts, %d eval examples, %d smoke prompts, labels=%s",
+        len(prompts.train_prompts), len(prompts.eval_examples), len(prompts.infer_prompts), prompts.labels,
+    )
+    return prompts
+
+
+def format_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Depends on the data, the template, the split and the tokenizer: nothing else."""
+    eval_dataset = parameters["eval_dataset"]
+    return "format-prompts-" + stable_hash(
+        parameters["train"].sha256,
+        eval_dataset.sha256 if eval_dataset else None,
+        parameters["prompt"],
+        parameters["data"].eval_fraction,
+        parameters["data"].seed,
+        parameters["infer"].prompts,
+        parameters["model_name"],
+        parameters["revision"],
+    )
+
+
+@task(name="format-prompts", cache_key_fn=format_cache_key, persist_result=True)
+def format_prompts_task(
+    train: Dataset,
+    eval_dataset: Dataset | None,
+    prompt: PromptConfig,
+    data: DataConfig,
+    infer: InferSettings,
+    model_name: str,
+    revision: str | None,
+) -> Prompts:
+    """Render the prompts with the model's tokenizer (for its EOS token and chat template)."""
+    return format_prompts(train, eval_dataset, prompt, data, infer, load_tokenizer(model_name, revision))

@@ -1,0 +1,90 @@
+"""smoke-infer: greedy answers for the eval prompts and infer.prompts; accuracy on a closed label set.
+
+A run whose answers are empty, or never reach EOS within max_new_tokens, fails here: such an adapter
+has not learnt the format, and pushing it would only hide that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from loraflow.config import InferSettings
+from loraflow.errors import QualityGateError
+from loraflow.live_model import LiveModel
+from loraflow.logs import run_logger
+from tasks.format_prompts import EvalExample, Prompts
+
+GENERATION_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Answer:
+    instruction: str
+    input: str
+    answer: str
+    expected: str | None
+    ended_with_eos: bool
+
+
+@dataclass(frozen=True)
+class InferResult:
+    answers: list[Answer]
+    accuracy: float | None  # over the eval examples, when their outputs form a closed label set
+
+
+def generate(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """Greedy decoding, left-padded batches; returns (answer, reached EOS) per text."""
+    import torch
+
+    tokenizer, model = live.tokenizer, live.model
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    results = []
+    for start in range(0, len(texts), GENERATION_BATCH):
+        batch = tokenizer(texts[start : start + GENERATION_BATCH], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for row in output[:, batch["input_ids"].shape[1] :].tolist():
+            ended = tokenizer.eos_token_id in row
+            kept = row[: row.index(tokenizer.eos_token_id)] if ended else row
+            results.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), ended))
+    return results
+
+
+def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> InferResult:
+    """Try the trained model on held-out and configured prompts."""
+    if live.backend == "unsloth":
+        from loraflow import unsloth_backend
+
+        unsloth_backend.for_inference(live.model)
+    live.model.eval()
+    examples: list[EvalExample] = prompts.eval_examples[: infer.max_eval_examples] + prompts.infer_prompts
+    generated = generate(live, [e.prompt for e in examples], infer.max_new_tokens)
+    answers = [Answer(e.instruction, e.input, text, e.answer, ended) for e, (text, ended) in zip(examples, generated)]
+    log = run_logger()
+    for a in answers:
+        log.info("smoke-infer: %s / %s -> %r%s", a.instruction, a.input, a.answer,
+                 "" if a.expected is None else f" (expected {a.expected!r})")
+    bad = [a for a in answers if not a.answer or not a.ended_with_eos]
+    if bad:
+        first = bad[0]
+        reason = "an empty answer" if not first.answer else f"no EOS within {infer.max_new_tokens} new tokens"
+        raise QualityGateError(
+            f"smoke-infer: {len(bad)} of {len(answers)} answers are unusable; e.g. {first.input or first.instruction!r} "
+            f"gave {reason} ({first.answer[:80]!r}). Train longer, raise the learning rate, or check the template."
+        )
+    scored = [a for a in answers if a.expected is not None]
+    accuracy = sum(a.answer == a.expected for a in scored) / len(scored) if prompts.labels and scored else None
+    if accuracy is not None:
+        log.info("smoke-infer: accuracy %.3f on %d eval examples (labels %s)", accuracy, len(scored), prompts.labels)
+    return InferResult(answers, accuracy)
+
+
+@task(name="smoke-infer", cache_policy=NO_CACHE, persist_result=False)
+def smoke_infer_task(live: LiveModel, prompts: Prompts, infer: InferSettings) -> InferResult:
+    """Generate for the eval and demo prompts; fail on empty or endless answers."""
+    return smoke_infer(live, prompts, infer)
