@@ -13,7 +13,7 @@ from prefect import flow
 
 from loraflow.builders import choose_backend
 from loraflow.cache_keys import adapter_key, train_key
-from loraflow.config import FinetuneConfig
+from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
 from loraflow.results import result_storage_for
 from tasks.attach_lora import attach_lora_task
@@ -34,11 +34,24 @@ def run_cached(task: Any, cached: list[str], *args: Any) -> Any:
     return state.result()
 
 
+def resolve_config(config: FinetuneConfig | dict[str, Any] | None, config_file: str | None) -> FinetuneConfig:
+    """The flow's door: a whole config, or a YAML file with a partial config merged over it; validated once."""
+    if isinstance(config, FinetuneConfig) and not config_file:
+        return config
+    raw = read_config_file(config_file) if config_file else {}
+    partial = config.model_dump(mode="json") if isinstance(config, FinetuneConfig) else (config or {})
+    return build_config(deep_merge(raw, partial), source=config_file or "config parameter")
+
+
 @flow(name="finetune")
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune `config.model` with LoRA on `config.data` and publish the adapter."""
+def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file: str | None = None) -> dict[str, Any]:
+    """Fine-tune a model with LoRA and publish the adapter.
+
+    `config` is a whole FinetuneConfig, or a partial one merged over `config_file` (a YAML file from
+    deployments/configs/), so a run can override any key without editing files.
+    """
     started = time.time()
-    cfg = config
+    cfg = resolve_config(config, config_file)
     backend = choose_backend(cfg.model.backend)
     if backend == "unsloth":
         import loraflow.unsloth_backend  # noqa: F401  (Unsloth must load before transformers, TRL and PEFT)

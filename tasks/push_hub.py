@@ -41,7 +41,8 @@ def push_hub(output_dir: str, hub: HubSettings, token: str | None) -> str | None
         return None
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    # Read HF_ENDPOINT now, not when huggingface_hub was imported; None means the public Hub.
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
     repo_url = api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
         folder_path=output_dir,

@@ -1,0 +1,44 @@
+"""Shared test set-up: offline Hugging Face, an isolated Prefect home, the tiny model and demo data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "deployments" / "configs" / "tiny-cpu.yaml"
+DEMO_DATA = ROOT / "data" / "demo" / "sentiment_zh.json"
+
+# Tests never reach the internet: models come from files the project makes or packages ship.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each test session gets its own Prefect database and settings, never the user's ~/.prefect."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    return home
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`loraflow ...` in a fresh interpreter, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

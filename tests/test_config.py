@@ -1,0 +1,97 @@
+"""Every shipped config and every prefect.yaml deployment loads and validates; bad configs say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraflow.config import FinetuneConfig, deep_merge, load_config, parse_assignment
+from loraflow.errors import ConfigError
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "deployments" / "configs").glob("*.yaml"))
+
+
+def test_the_three_required_configs_ship() -> None:
+    names = {path.name for path in CONFIGS}
+    assert {"tiny-cpu.yaml", "smollm2-135m-cpu.yaml", "llama3-8b-qlora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_opens_with_its_command(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, FinetuneConfig)
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith("# ") and "loraflow run" in first_line and path.name in first_line
+
+
+def test_notebook_config_is_the_notebook_job_exactly() -> None:
+    cfg = load_config(ROOT / "deployments" / "configs" / "llama3-8b-qlora.yaml")
+    assert cfg.model.name == "unsloth/llama-3-8b-bnb-4bit"
+    assert (cfg.model.max_seq_length, cfg.model.load_in_4bit, cfg.model.dtype) == (2048, True, "auto")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (16, 16, 0.0, "none")
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.gradient_checkpointing == "unsloth"
+    t = cfg.train
+    assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (4, 4, 5, 60)
+    assert (t.learning_rate, t.save_steps, t.save_total_limit) == (2e-4, 10000, 2)
+
+
+def test_set_overrides_merge_over_the_file() -> None:
+    cfg = load_config(
+        ROOT / "deployments" / "configs" / "tiny-cpu.yaml",
+        [parse_assignment("train.max_steps=5"), parse_assignment("lora.target_modules=[q_proj, v_proj]")],
+    )
+    assert cfg.train.max_steps == 5
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.model.name == "loraflow:tiny-llama"  # untouched keys keep the file's value
+
+
+def test_deep_merge_keeps_siblings() -> None:
+    assert deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({"model": {"backend": "vllm"}}, "model.backend"),
+        ({"lora": {"rank": 8}}, "lora.rank"),
+        ({"prompt": {"template": "no placeholders"}}, "prompt.template"),
+        ({"train": {"max_steps": None, "num_epochs": None}}, "set train.max_steps or train.num_epochs"),
+        ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction"),
+    ],
+)
+def test_invalid_config_names_the_field(override: dict, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(ROOT / "deployments" / "configs" / "tiny-cpu.yaml", [override])
+
+
+def test_missing_sections_are_named() -> None:
+    with pytest.raises(ConfigError, match="data: Field required"):
+        load_config(None, [{"model": {"name": "x"}}])
+
+
+def test_custom_template_must_end_with_output() -> None:
+    with pytest.raises(ConfigError, match="end with"):
+        load_config(ROOT / "deployments" / "configs" / "tiny-cpu.yaml",
+                    [{"prompt": {"template": "{output} then {instruction}"}}])
+
+
+def test_prefect_yaml_deployments_load_their_flow_and_config() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {"nightly", "manual", "on-upload"} <= set(deployments)
+    from flows.finetune import resolve_config
+
+    for deployment in deployments.values():
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert flow.name == "finetune"
+        params = deployment["parameters"]
+        # The deployment's default parameters make a valid config (file + partial override, as a run would).
+        cfg = resolve_config(params.get("config"), str(ROOT / params["config_file"]))
+        assert isinstance(cfg, FinetuneConfig)
