@@ -1,8 +1,8 @@
 """A stand-in for the Hugging Face Hub's HTTP API, on 127.0.0.1, that records what it receives.
 
 No machine here reaches the real Hub, so push-hub is tested against this: `HF_ENDPOINT` points
-huggingface_hub at it. It answers the three calls an upload makes: create the repo, ask for upload modes
-(every file goes "regular", inline in the commit), and the commit itself (NDJSON, files base64-encoded).
+huggingface_hub at it. It answers the calls an upload makes: create the repo, validate the model card's YAML, ask for upload
+modes (every file goes "regular", inline in the commit), and the commit (NDJSON, files base64-encoded).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class HubStandIn:
                     repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
                     record.repos[repo_id] = payload
                     return self.reply(200, {"url": f"{base_url()}/{repo_id}", "name": repo_id})
+                if path == "/api/validate-yaml":  # the model card's metadata block is checked before upload
+                    return self.reply(200, {"errors": [], "warnings": []})
                 if "/preupload/" in path:
                     files = json.loads(body)["files"]
                     return self.reply(200, {"files": [

@@ -27,7 +27,8 @@ def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         result = run_cli(
             "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
             "--set", f"output.store={work / 'store'}", "--set", "hub.repo_id=loraflow-tests/tiny-adapter",
-            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests"},
+            # Offline mode would block even the local stand-in; the models come from local files regardless.
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((work / "out" / "summary.json").read_text())

@@ -113,7 +113,7 @@ def test_attach_lora_trains_only_the_adapters(cfg: FinetuneConfig) -> None:
     live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     trainable = [name for name, p in live.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    targeted = {name.split(".")[-3] for name in trainable}  # ...q_proj.lora_A.default.weight
+    targeted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}  # ...q_proj.lora_A.default.weight
     assert targeted == set(cfg.lora.target_modules)
 
 
@@ -204,6 +204,7 @@ def test_push_hub_uploads_the_folder_with_its_card(tmp_path: Path, monkeypatch: 
     (tmp_path / "README.md").write_text("---\nbase_model: x\n---\n# card")
     with HubStandIn() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the stand-in is on 127.0.0.1
         url = push_hub(str(tmp_path), HubSettings(repo_id="me/adapter"), token="hf_test_token")
         assert url == f"{hub.url}/me/adapter"
         assert hub.record.repos["me/adapter"]["visibility"] == "private"
