@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow
 
@@ -16,6 +16,7 @@ from loraflow.cache_keys import adapter_key, train_key
 from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
 from loraflow.results import result_storage_for
+from loraflow.store import open_store
 from tasks.attach_lora import attach_lora_task
 from tasks.fetch_dataset import fetch_dataset_task
 from tasks.format_prompts import format_prompts_task
@@ -57,9 +58,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         import loraflow.unsloth_backend  # noqa: F401  (Unsloth must load before transformers, TRL and PEFT)
 
     storage = result_storage_for(cfg.output.store)
-    fetch: Callable = fetch_dataset_task.with_options(result_storage=storage)
     cached: list[str] = []
 
+    fetch = fetch_dataset_task.with_options(result_storage=storage)
     train_data = run_cached(fetch, cached, cfg.data.uri)
     eval_data = run_cached(fetch, cached, cfg.data.eval_uri) if cfg.data.eval_uri else None
     prompts = run_cached(
@@ -67,14 +68,26 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         train_data, eval_data, cfg.prompt, cfg.data, cfg.infer, cfg.model.name, cfg.model.revision,
     )
 
-    base = load_model_task(cfg.model)
-    model = attach_lora_task(base, cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    # The adapter's key says everything it depends on. Already published: load no model, train nothing.
     key = adapter_key(train_key(cfg, train_data.sha256, eval_data.sha256 if eval_data else None, backend))
-    trained = train_task(model, prompts, cfg.train, cfg.model, cfg.output.store, key)
-    inferred = smoke_infer_task(model, prompts, cfg.infer)
+    published = open_store(cfg.output.store).has(key)
+    model = None
+    if not published:
+        base = load_model_task(cfg.model)
+        model = attach_lora_task(base, cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    trained = run_cached(
+        train_task.with_options(result_storage=storage, refresh_cache=not published), cached,
+        model, prompts, cfg.train, cfg.model, cfg.output.store, key,
+    )
+    if published and "train" not in cached:  # Prefect's record was gone, the adapter was not: still no training
+        cached.append("train")
+    inferred = run_cached(
+        smoke_infer_task.with_options(result_storage=storage), cached,
+        model, prompts, cfg.infer, cfg.model, cfg.output.store, key,
+    )
 
     summary: dict[str, Any] = {
-        "backend": base.backend,
+        "backend": backend,
         "model": cfg.model.name,
         "dataset_uri": cfg.data.uri,
         "dataset_sha256": train_data.sha256,

@@ -54,11 +54,13 @@ def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
 def preflight(cfg: Any) -> None:
     """Everything that can be wrong with the input, found before Prefect starts or a model loads."""
     from loraflow.builders import choose_backend
+    from loraflow.store import open_store
     from tasks.fetch_dataset import fetch_dataset
 
     fetch_dataset(cfg.data.uri)
     if cfg.data.eval_uri:
         fetch_dataset(cfg.data.eval_uri)
+    open_store(cfg.output.store).check()
     choose_backend(cfg.model.backend)
 
 
@@ -79,13 +81,15 @@ def print_result(summary: dict[str, Any]) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from loraflow.config import load_config
-    from loraflow.errors import LoraflowInputError
+    from loraflow.errors import LoraflowInputError, StoreUnavailableError
 
     try:
         cfg = load_config(args.config, overrides_from(args))
         preflight(cfg)
     except LoraflowInputError as exc:
         fail(EXIT_INPUT, str(exc))
+    except StoreUnavailableError as exc:
+        fail(EXIT_FAILED, str(exc))
 
     from flows.finetune import finetune
 
@@ -100,6 +104,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral server's first start migrates a fresh database; on a busy 2-core box that can outlast
+    # Prefect's 20 s default, which fails the run before it begins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if args.command == "run":

@@ -15,3 +15,11 @@ class DatasetError(LoraflowInputError):
 
 class QualityGateError(Exception):
     """smoke-infer's answers are unusable (empty, or never reached EOS)."""
+
+
+class StoreConfigError(LoraflowInputError):
+    """The artifact store is misconfigured: no such bucket, or credentials the endpoint rejects."""
+
+
+class StoreUnavailableError(Exception):
+    """The artifact store's endpoint cannot be reached (after retries)."""

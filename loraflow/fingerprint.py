@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -32,9 +34,9 @@ def dataset_fingerprint(uri: str) -> str | None:
 
 
 def stable_hash(*parts: Any) -> str:
-    """sha256 over JSON-serialised parts (pydantic models via model_dump)."""
+    """sha256 over JSON-serialised parts; pydantic models (config sections) by their field values."""
     def plain(part: Any) -> Any:
-        return part.model_dump(mode="json") if hasattr(part, "model_dump") else part
+        return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
 
     encoded = json.dumps([plain(p) for p in parts], sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(encoded.encode()).hexdigest()

@@ -1,14 +1,17 @@
-"""One place that builds S3 clients: endpoint and credentials from the standard AWS environment.
-
-`AWS_ENDPOINT_URL` points at any S3-compatible server (MinIO, nanio, ...); boto3 reads it, and the keys,
-itself. Secrets are never passed around as arguments.
+"""One place that builds S3 clients: endpoint and credentials from the standard AWS environment
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`) or, when
+`LORAFLOW_AWS_CREDENTIALS_BLOCK` names one, a prefect-aws `AwsCredentials` block. Any S3-compatible
+endpoint works (AWS, MinIO, nanio, ...). Secrets are never passed around as arguments or parameters.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from loraflow.errors import ConfigError
+
+CREDENTIALS_BLOCK_ENV = "LORAFLOW_AWS_CREDENTIALS_BLOCK"
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -18,12 +21,30 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise ConfigError(f"{uri}: no bucket in the S3 URI")
-    return bucket, key
+    return bucket, key.strip("/")
+
+
+def aws_credentials_block() -> Any:
+    """The prefect-aws AwsCredentials to use: the named block, or one that defers to the environment."""
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    name = os.environ.get(CREDENTIALS_BLOCK_ENV)
+    if name:
+        return AwsCredentials.load(name)
+    # No keys here: boto3 reads them from the environment (or an instance role) when the client is made.
+    return AwsCredentials(aws_client_parameters=AwsClientParameters(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")))
 
 
 def s3_client() -> Any:
-    import boto3
     from botocore.config import Config
 
     # Standard retry mode backs off on throttling, 5xx and timeouts.
-    return boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10))
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    if os.environ.get(CREDENTIALS_BLOCK_ENV):
+        block = aws_credentials_block()
+        endpoint = block.aws_client_parameters.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        return block.get_boto3_session().client("s3", endpoint_url=endpoint, config=config)
+    import boto3
+
+    return boto3.client("s3", config=config)  # boto3 reads AWS_ENDPOINT_URL and the keys itself

@@ -7,6 +7,7 @@ artifact; two writers of the same key write the same content, and the last renam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,10 +32,19 @@ def build_manifest(folder: Path) -> dict:
 class Store(Protocol):
     uri: str
 
+    def check(self) -> None: ...
     def has(self, key: str) -> bool: ...
+    def uri_of(self, key: str) -> str: ...
     def put_folder(self, folder: Path, key: str) -> str: ...
     def get_folder(self, key: str, destination: Path) -> Path: ...
+    def read_file(self, key: str, relative: str) -> bytes: ...
+    def digest(self, key: str) -> str: ...
     def put_bytes(self, data: bytes, key: str) -> str: ...
+
+
+def manifest_digest(manifest: dict) -> str:
+    """One hash for a published folder: of its manifest's file list (paths, sizes, sha256s)."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 class LocalStore:
@@ -44,8 +54,20 @@ class LocalStore:
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
 
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
     def has(self, key: str) -> bool:
         return (self.root / key / MANIFEST).is_file()
+
+    def uri_of(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read_file(self, key: str, relative: str) -> bytes:
+        return (self.root / key / relative).read_bytes()
+
+    def digest(self, key: str) -> str:
+        return manifest_digest(json.loads((self.root / key / MANIFEST).read_text()))
 
     def put_folder(self, folder: Path, key: str) -> str:
         target = self.root / key

@@ -6,16 +6,21 @@ has not learnt the format, and pushing it would only hide that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from loraflow.config import InferSettings
+from loraflow.config import InferSettings, ModelConfig
 from loraflow.errors import QualityGateError
+from loraflow.fingerprint import stable_hash
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
+from loraflow.store import open_store
 from tasks.format_prompts import EvalExample, Prompts
+from tasks.load_model import load_model
 
 GENERATION_BATCH = 8
 
@@ -84,7 +89,36 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
     return InferResult(answers, accuracy)
 
 
-@task(name="smoke-infer", cache_policy=NO_CACHE, persist_result=False)
-def smoke_infer_task(live: LiveModel, prompts: Prompts, infer: InferSettings) -> InferResult:
-    """Generate for the eval and demo prompts; fail on empty or endless answers."""
-    return smoke_infer(live, prompts, infer)
+def load_published_adapter(model: ModelConfig, store_uri: str, adapter_key: str) -> LiveModel:
+    """Base model + the adapter from the store: for a run whose training was served from the cache."""
+    from peft import PeftModel
+
+    live = load_model(model)
+    with tempfile.TemporaryDirectory(prefix="loraflow-adapter-") as folder:
+        open_store(store_uri).get_folder(adapter_key, Path(folder))
+        peft_model = PeftModel.from_pretrained(live.model, folder)
+    run_logger().info("smoke-infer: loaded the published adapter %s onto %s", adapter_key, model.name)
+    return replace(live, model=peft_model)
+
+
+def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Answers depend on the adapter's bytes, the prompts and the generation settings; not on the run."""
+    prompts: Prompts = parameters["prompts"]
+    return "smoke-infer-" + stable_hash(
+        open_store(parameters["store_uri"]).digest(parameters["adapter_key"]),
+        [(e.prompt, e.answer) for e in prompts.eval_examples + prompts.infer_prompts],
+        prompts.labels,
+        parameters["infer"],
+    )
+
+
+@task(name="smoke-infer", cache_key_fn=smoke_infer_cache_key, persist_result=True)
+def smoke_infer_task(
+    live: LiveModel | None, prompts: Prompts, infer: InferSettings, model: ModelConfig, store_uri: str, adapter_key: str
+) -> InferResult:
+    """Generate for the eval and demo prompts; fail on empty or endless answers.
+
+    `live` is None when training was served from the cache: then the base model and the published
+    adapter are loaded here, and only here.
+    """
+    return smoke_infer(live or load_published_adapter(model, store_uri, adapter_key), prompts, infer)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from loraflow.builders import build_sft_config, packing_enabled
+from loraflow.builders import BatchLayout, batch_layout, build_sft_config, packing_enabled
 from loraflow.config import ModelConfig, TrainSettings
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
 from loraflow.store import open_store
 from tasks.format_prompts import Prompts
+
+METRICS_FILE = "training_metrics.json"
 
 
 @dataclass
@@ -30,6 +32,16 @@ class TrainResult:
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
     packing: bool = False
+    first_step_seconds: float = 0.0  # train() start to the end of step 1: data prep, compilation, warm-up
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    step_tokens: list[int] = field(default_factory=list)  # real (non-pad) tokens of each optimizer step
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Real tokens/s once warm: the first steps (compilation, allocator growth) left out."""
+        skip = min(3, len(self.step_seconds) // 2)
+        seconds = sum(self.step_seconds[skip:])
+        return sum(self.step_tokens[skip:]) / seconds if seconds else 0.0
 
     @property
     def loss_first(self) -> float | None:
@@ -40,20 +52,84 @@ class TrainResult:
         return self.losses[-1][1] if self.losses else None
 
 
-def log_plan(live: LiveModel, train: TrainSettings, model: ModelConfig, texts: list[str], packing: bool) -> None:
+def log_plan(train: TrainSettings, lengths: list[int], layout: BatchLayout, packing: bool) -> None:
     """nanoGPT-style: the derived numbers, before the first step."""
-    lengths = [len(ids) for ids in live.tokenizer(texts[:256])["input_ids"]]
     mean_tokens = sum(lengths) / len(lengths)
     effective_batch = train.per_device_batch_size * train.gradient_accumulation_steps
-    # tokens per optimizer step = batch × accumulation × tokens per row (a full row when packed)
-    tokens_per_row = model.max_seq_length if packing else mean_tokens
+    # examples per optimizer step = batch × accumulation, packed or not; tokens per step = that × mean length
+    rows = f"{layout.batch_size} × {layout.accumulation} rows of ≤{layout.row_tokens} tokens"
     run_logger().info(
-        "train: %d texts (mean %.0f tokens), effective batch %d = %d × %d accumulation, ~%.0f tokens per step, "
-        "packing %s, max_steps %s, epochs %s, lr %g",
-        len(texts), mean_tokens, effective_batch, train.per_device_batch_size, train.gradient_accumulation_steps,
-        effective_batch * tokens_per_row, "on" if packing else "off", train.max_steps, train.num_epochs,
-        train.learning_rate,
+        "train: %d texts (mean %.0f, max %d tokens), effective batch %d examples = %d × %d accumulation, "
+        "~%.0f tokens per step, packing %s (%s), max_steps %s, epochs %s, lr %g",
+        len(lengths), mean_tokens, max(lengths), effective_batch, train.per_device_batch_size,
+        train.gradient_accumulation_steps, effective_batch * mean_tokens, "on" if packing else "off", rows,
+        train.max_steps, train.num_epochs, train.learning_rate,
     )
+
+
+class StepClock:
+    """Wall time and real tokens of every optimizer step, without a host-device sync per micro-batch.
+
+    Tokens are counted on the CPU as the collator builds each micro-batch (attention-mask sum when padded,
+    every token when packed or padding-free); the clock syncs CUDA once per optimizer step, where the
+    trainer's loss logging syncs anyway.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.batch_tokens: list[int] = []  # per micro-batch, in the order the collator built them
+        self.step_ends: list[float] = []
+        self.micro_batches_at_step: list[int] = []
+        self.micro_batches = 0
+        self.started = 0.0
+
+    def count_tokens(self, collator: Any) -> None:
+        build = collator.torch_call
+
+        def torch_call(examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = build(examples)
+            mask = batch.get("attention_mask")
+            self.batch_tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+            return batch
+
+        collator.torch_call = torch_call
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.micro_batches += 1
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.micro_batches += 1
+                clock.step_ended()
+
+        return Callback()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def step_ended(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.step_ends.append(time.perf_counter())
+        self.micro_batches_at_step.append(self.micro_batches)
+        if len(self.step_ends) == 1:
+            run_logger().info("train: step 1 done %.1f s after train() began (data, compilation, warm-up)",
+                              self.step_ends[0] - self.started)
+
+    def step_seconds(self) -> list[float]:
+        ends = [self.started, *self.step_ends]
+        return [b - a for a, b in zip(ends, ends[1:])]
+
+    def step_tokens(self) -> list[int]:
+        bounds = [0, *self.micro_batches_at_step]
+        return [sum(self.batch_tokens[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -64,18 +140,29 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def build_trainer(live: LiveModel, prompts: Prompts, train: TrainSettings, model: ModelConfig, work_dir: Path) -> Any:
+def build_trainer(
+    live: LiveModel, prompts: Prompts, train: TrainSettings, model: ModelConfig, work_dir: Path,
+    clock: StepClock | None = None,
+) -> Any:
     from datasets import Dataset as HFDataset
     from trl import SFTTrainer
 
     packing = packing_enabled(train, live.backend, live.attn_implementation)
-    args = build_sft_config(train, model, live.backend, live.dtype, work_dir / "checkpoints", packing)
-    log_plan(live, train, model, prompts.train_texts, packing)
+    lengths = [len(ids) for ids in live.tokenizer(prompts.train_texts)["input_ids"]]
+    layout = batch_layout(train, model, lengths, packing)
+    args = build_sft_config(train, model, live.backend, live.dtype, work_dir / "checkpoints", packing, layout)
+    log_plan(train, lengths, layout, packing)
     if train.completion_only_loss:  # TRL masks the prompt tokens out of the loss for prompt/completion rows
         rows = {"prompt": prompts.train_prompts, "completion": prompts.train_completions}
     else:  # the notebook's way: loss on every token of the text
         rows = {"text": prompts.train_texts}
-    return SFTTrainer(model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer)
+    trainer = SFTTrainer(
+        model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer,
+        callbacks=[clock.callback()] if clock else None,
+    )
+    if clock:
+        clock.count_tokens(trainer.data_collator)
+    return trainer
 
 
 def train_adapter(
@@ -86,37 +173,64 @@ def train_adapter(
         import torch
 
         torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(live.device)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as work:
-        trainer = build_trainer(live, prompts, train, model, Path(work))
-        started = time.perf_counter()
+        trainer = build_trainer(live, prompts, train, model, Path(work), clock)
+        clock.start()
         output = trainer.train()
-        runtime = time.perf_counter() - started
+        runtime = time.perf_counter() - clock.started
         adapter_dir = Path(work) / "adapter"
         live.model.save_pretrained(adapter_dir)
         live.tokenizer.save_pretrained(adapter_dir)
-        adapter_uri = open_store(store_uri).put_folder(adapter_dir, adapter_key)
-    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    result = TrainResult(
-        adapter_key=adapter_key,
-        adapter_uri=adapter_uri,
-        steps=int(output.global_step),
-        losses=losses,
-        runtime_seconds=runtime,
-        tokens_per_second=trainer.state.num_input_tokens_seen / runtime if runtime else 0.0,
-        peak_memory_bytes=peak_memory_bytes(live.device),
-        packing=bool(trainer.args.packing),
-    )
+        losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+        step_seconds, step_tokens = clock.step_seconds(), clock.step_tokens()
+        result = TrainResult(
+            adapter_key=adapter_key,
+            adapter_uri="",
+            steps=int(output.global_step),
+            losses=losses,
+            runtime_seconds=runtime,
+            tokens_per_second=sum(step_tokens) / runtime if runtime else 0.0,
+            peak_memory_bytes=peak_memory_bytes(live.device),
+            packing=bool(trainer.args.packing),
+            first_step_seconds=step_seconds[0] if step_seconds else 0.0,
+            step_seconds=step_seconds,
+            step_tokens=step_tokens,
+        )
+        # The metrics travel with the adapter, so a later run that finds it in the store can report them.
+        (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(result), indent=1))
+        result.adapter_uri = adapter_uri = open_store(store_uri).put_folder(adapter_dir, adapter_key)
     run_logger().info(
-        "train: %d steps in %.1f s, loss %.4f -> %.4f, %.0f tokens/s, peak memory %.2f GiB; adapter at %s",
-        result.steps, runtime, result.loss_first, result.loss_last, result.tokens_per_second,
-        result.peak_memory_bytes / 2**30, adapter_uri,
+        "train: %d steps in %.1f s (step 1: %.1f s), loss %.4f -> %.4f, %.0f real tokens/s overall, %.0f once warm, "
+        "peak memory %.2f GiB; adapter at %s",
+        result.steps, runtime, result.first_step_seconds, result.loss_first, result.loss_last,
+        result.tokens_per_second, result.steady_tokens_per_second, result.peak_memory_bytes / 2**30, adapter_uri,
     )
     return result
 
 
-@task(name="train", cache_policy=NO_CACHE, persist_result=False)
+def published_result(store_uri: str, adapter_key: str) -> TrainResult:
+    """The TrainResult of an adapter already in the store (trained by an earlier run with the same key)."""
+    store = open_store(store_uri)
+    fields = json.loads(store.read_file(adapter_key, METRICS_FILE))
+    fields["losses"] = [tuple(pair) for pair in fields["losses"]]
+    return TrainResult(**{**fields, "adapter_uri": store.uri_of(adapter_key)})
+
+
+def train_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The adapter key already is what the adapter depends on (see loraflow.cache_keys.train_key)."""
+    return "train-" + parameters["adapter_key"].replace("/", "-")
+
+
+@task(name="train", cache_key_fn=train_cache_key, persist_result=True)
 def train_task(
-    live: LiveModel, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str
+    live: LiveModel | None, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str
 ) -> TrainResult:
-    """Fine-tune the LoRA adapters and publish them to the artifact store."""
+    """Fine-tune the LoRA adapters and publish them to the artifact store.
+
+    The cached result is the TrainResult (metrics and the adapter's URI), never the model. `live` is None
+    when the flow found the adapter already published: then the metrics are read back from the store.
+    """
+    if live is None:
+        return published_result(store_uri, adapter_key)
     return train_adapter(live, prompts, train, model, store_uri, adapter_key)
