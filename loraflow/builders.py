@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +85,55 @@ def packing_enabled(train: TrainSettings, backend: str, attn_implementation: str
     return train.packing == "true" or (train.packing == "auto" and supported)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """What one optimizer step is made of: micro-batches of rows, each row up to row_tokens long."""
+
+    batch_size: int  # rows per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    row_tokens: int  # longest row (TRL's max_length): a truncation cap unpacked, the pack size packed
+
+
+def batch_layout(train: TrainSettings, model_cfg: ModelConfig, lengths: list[int], packing: bool) -> BatchLayout:
+    """Unpacked: the config's batch × accumulation rows of up to max_seq_length tokens.
+
+    Packed: the same number of examples per optimizer step as unpacked, in as few rows as fit, so max_steps,
+    warm-up and the learning rate keep their meaning (the notebook's 60 steps of 4 × 4 still see 960 examples)
+    while the GPU gets a few long rows instead of many short ones:
+        tokens per step = batch × accumulation × mean example length    (16 × ~100 = ~1,600 in the notebook)
+        rows per step   = ceil(tokens per step / max_seq_length), at most batch × accumulation
+        row length      = tokens per step / rows, at least the longest example (never truncated by packing)
+    """
+    if not packing:
+        return BatchLayout(train.per_device_batch_size, train.gradient_accumulation_steps, model_cfg.max_seq_length)
+    examples_per_step = train.per_device_batch_size * train.gradient_accumulation_steps
+    step_tokens = math.ceil(examples_per_step * sum(lengths) / max(len(lengths), 1))
+    rows = max(1, min(examples_per_step, math.ceil(step_tokens / model_cfg.max_seq_length)))
+    batch_size = min(rows, train.per_device_batch_size)
+    accumulation = math.ceil(rows / batch_size)
+    row_tokens = max(math.ceil(step_tokens / (batch_size * accumulation)), max(lengths, default=1))
+    return BatchLayout(batch_size, accumulation, min(row_tokens, model_cfg.max_seq_length))
+
+
 def build_sft_config(
-    train: TrainSettings, model_cfg: ModelConfig, backend: str, dtype: Any, output_dir: Path, packing: bool
+    train: TrainSettings,
+    model_cfg: ModelConfig,
+    backend: str,
+    dtype: Any,
+    output_dir: Path,
+    packing: bool,
+    layout: BatchLayout | None = None,
 ) -> Any:
     import torch
     from trl import SFTConfig
 
     on_cuda = cuda_available()
     optimizer = train.optimizer if train.optimizer != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
+    layout = layout or batch_layout(train, model_cfg, [], packing=False)
     return SFTConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        per_device_train_batch_size=layout.batch_size,
+        gradient_accumulation_steps=layout.accumulation,
         warmup_steps=train.warmup_steps,
         max_steps=train.max_steps or -1,
         num_train_epochs=train.num_epochs or 1.0,
@@ -109,13 +148,17 @@ def build_sft_config(
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
-        max_length=model_cfg.max_seq_length,
+        max_length=layout.row_tokens,
         dataset_text_field="text",
         completion_only_loss=train.completion_only_loss,
         packing=packing,
+        packing_strategy="bfd",  # whole examples per row, with per-example position ids (no cross-attention)
         # attach-LoRA already turned checkpointing on (Unsloth's or PEFT's); the trainer must not redo it.
         gradient_checkpointing=False,
-        include_num_input_tokens_seen="non_padding",
+        # Both would read a GPU value back after every micro-batch (a host-device sync, the GPU idles while
+        # Python catches up): train counts real tokens on the CPU instead, and a NaN loss is logged as NaN.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=True,

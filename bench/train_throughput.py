@@ -1,0 +1,511 @@
+"""Training throughput on one GPU: the project's train path (Unsloth and transformers backends) against a bare
+Unsloth loop, on random-initialised Llama-3-8B- and Llama-3.2-1B-shaped models, plus the classic notebook's
+short-example workload with and without packing.
+
+Run on the GPU machine (see docs/benchmarks.md for the device command):
+    source bench/gpu_env.sh; python3 bench/train_throughput.py --out $OUT
+
+One run does, per shape (each measurement in its own process, so Unsloth's patching of transformers never
+reaches the transformers backend and every path pays its own import, load and compilation):
+    build        random bf16 model saved to local disk once (the project loads it by path, like a Hub id)
+    bare         FastLanguageModel.from_pretrained + get_peft_model + a plain loop (the reference)
+    unsloth      the project's load_model -> attach_lora -> train_adapter (TRL SFTTrainer) with backend unsloth,
+                 then the notebook workload (960 examples of 61-151 tokens, batch 4 × accumulation 4) packed
+                 and unpacked, with held-out loss after each
+    transformers the same train path with backend transformers (bitsandbytes NF4, sdpa, PEFT checkpointing)
+    cli          (first shape only) `loraflow run` on the notebook workload: time from start to the first step
+Every throughput figure is steady state: `--warmup` steps, then `--steps` timed steps, each CUDA-synchronised.
+MFU = tokens/s × 6 × parameters / 790e12 (the bf16 matrix rate measured on this workplace's H200s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_FLOPS = 790e12  # bf16 dense matrix product measured on the H200 (KINDS.md), not the datasheet's 990
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3-8B: 8.03e9 parameters
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # Llama-3.2-1B: 1.24e9 parameters (tied embeddings)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # for dry runs of this script on a CPU (backend transformers only)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+}
+NOTEBOOK_EXAMPLES, NOTEBOOK_HELD_OUT = 960, 64
+TOKENIZER = "smollm2-135m-instruct"  # carried in .gpuassets; its ids (< 49,152) fit the 128,256-row embedding
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def tokenizer_dir() -> Path:
+    return Path(os.environ.get("LORAFLOW_CACHE_DIR", Path.home() / ".cache" / "loraflow")) / "models" / TOKENIZER
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+def exact_length_texts(tokenizer: Any, count: int, length: int, seed: int) -> list[str]:
+    """Texts of exactly `length` tokens each (EOS included): random words, cut and re-checked."""
+    rng = random.Random(seed)
+    words = [w for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 3]
+    texts = []
+    for _ in range(count):
+        text = " ".join(rng.choice(words)[1:] for _ in range(length * 2))
+        cut = length - 1
+        for _ in range(20):  # decode(ids[:n]) can re-tokenize to n ± 1: move the cut until it is exact
+            candidate = tokenizer.decode(tokenizer(text)["input_ids"][:cut]) + tokenizer.eos_token
+            have = len(tokenizer(candidate)["input_ids"])
+            if have == length:
+                break
+            cut += length - have
+        assert have == length, f"could not make a {length}-token text ({have})"
+        texts.append(candidate)
+    return texts
+
+
+def notebook_rows(tokenizer: Any, count: int, seed: int) -> list[dict[str, str]]:
+    """Sentiment rows like the notebook's dataset.json: whole texts of 61-151 tokens under the template below."""
+    from loraflow.templates import render
+
+    demo = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        base = rng.choice(demo)
+        target = rng.randint(61, 151)
+        text_input = base["input"]
+        row = {"instruction": base["instruction"], "input": text_input, "output": base["output"]}
+        while len(tokenizer(render(NOTEBOOK_TEMPLATE, row, tokenizer))["input_ids"]) < target:
+            row["input"] += "，" + rng.choice(demo)["input"]
+        while len(row["input"]) > 1 and len(tokenizer(render(NOTEBOOK_TEMPLATE, row, tokenizer))["input_ids"]) > target:
+            row["input"] = row["input"][:-1]
+        rows.append(row)
+    return rows
+
+
+# The notebook's rows are 61-151 Llama-3 tokens under alpaca_zh; SmolLM2's tokenizer spends ~110 tokens on that
+# template alone, so the rows here use a short template and longer inputs to keep the same token lengths.
+NOTEBOOK_TEMPLATE = "{instruction}\n{input}\n答:{output}"
+
+
+def notebook_prompts(tokenizer: Any, data_file: Path) -> Any:
+    from loraflow.config import DataConfig, InferSettings, PromptConfig
+    from tasks.fetch_dataset import fetch_dataset
+    from tasks.format_prompts import format_prompts
+
+    data = DataConfig(uri=str(data_file), eval_fraction=NOTEBOOK_HELD_OUT / (NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT))
+    prompts = format_prompts(fetch_dataset(str(data_file)), None, PromptConfig(template=NOTEBOOK_TEMPLATE), data,
+                             InferSettings(), tokenizer)
+    assert len(prompts.train_texts) == NOTEBOOK_EXAMPLES, len(prompts.train_texts)
+    lengths = [len(ids) for ids in tokenizer(prompts.train_texts)["input_ids"]]
+    log(f"notebook rows: {len(lengths)} of {min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.1f}")
+    return prompts, sum(lengths) / len(lengths)
+
+
+def write_notebook_data(work: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    path = work / "notebook_dataset.json"
+    if not path.exists():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+        rows = notebook_rows(tokenizer, NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT, seed=3407)
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# --- workers (one process each) --------------------------------------------------------------------------------
+
+
+def build(shape: str, out: Path) -> dict[str, Any]:
+    """A random-initialised Llama of the shape, in bf16, saved with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    config = LlamaConfig(
+        **SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16 if device() == "cuda" else torch.float32)
+    with torch.device(device()):
+        model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out, max_shard_size="4GB")
+    tokenizer.save_pretrained(out)
+    return {"params": params, "build_and_save_s": time.perf_counter() - started}
+
+
+def step_figures(step_seconds: list[float], step_tokens: list[int], warmup: int, params: int) -> dict[str, Any]:
+    timed_s, timed_tokens = step_seconds[warmup:], step_tokens[warmup:]
+    seconds = sum(timed_s)
+    tokens_per_s = sum(timed_tokens) / seconds
+    return {
+        "tokens_per_s": tokens_per_s,
+        "s_per_step": seconds / len(timed_s),
+        "mfu": tokens_per_s * 6 * params / PEAK_FLOPS,
+        "first_step_s": step_seconds[0],
+        "steps_timed": len(timed_s),
+        "step_seconds": step_seconds,
+        "step_tokens": step_tokens,
+    }
+
+
+def bare(model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int) -> dict[str, Any]:
+    """The reference: Unsloth's own calls and a plain loop (bf16 autocast, 8-bit AdamW as the project uses)."""
+    import torch
+
+    t0 = time.perf_counter()
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+    import bitsandbytes as bnb
+
+    result: dict[str, Any] = {"import_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
+                                                 dtype=torch.bfloat16, load_in_4bit=True)
+    result["load_s"] = time.perf_counter() - t0
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=LORA_TARGETS,
+        use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=2048,
+    )
+    FastLanguageModel.for_training(model)
+    optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    for batch, length in layouts:
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(100, 49000, (batch, length), device="cuda")
+        torch.cuda.synchronize()
+        last, seconds = time.perf_counter(), []
+        for _ in range(warmup + steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss)  # the loop reads its loss every step, as a trainer logging each step does
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            seconds.append(now - last)
+            last = now
+        figures = step_figures(seconds, [batch * length] * len(seconds), warmup, params)
+        figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result[f"{batch}x{length}"] = figures
+        log(f"bare {batch}x{length}: {figures['tokens_per_s']:.0f} tokens/s, {figures['peak_gib']:.2f} GiB")
+    return result
+
+
+def reset_lora(model: Any, seed: int) -> None:
+    """Every LoRA pair back to PEFT's start (A Kaiming-uniform, B zero), seeded: runs start from one point."""
+    import torch
+
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+            module.reset_lora_parameters("default", True)
+
+
+def held_out_loss(live: Any, prompts: Any) -> float:
+    """Mean token loss over the held-out examples' whole texts (what training minimises), one at a time."""
+    import torch
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in prompts.eval_examples:
+            text = example.prompt + example.answer + prompts.eos_token
+            ids = live.tokenizer(text, return_tensors="pt")["input_ids"].to(live.model.device)
+            with torch.autocast(device(), dtype=live.dtype, enabled=live.device == "cuda"):
+                loss = live.model(input_ids=ids, labels=ids).loss
+            total += float(loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    return total / tokens
+
+
+def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
+            work: Path, notebook: bool, unpacked_steps: int) -> dict[str, Any]:
+    """The project's own task functions, as the flow calls them."""
+    t0 = time.perf_counter()
+    if backend == "unsloth":
+        import loraflow.unsloth_backend  # noqa: F401  (first, as the flow does)
+    import torch
+    from loraflow.config import LoraSettings, ModelConfig, TrainSettings
+    from tasks.attach_lora import attach_lora
+    from tasks.format_prompts import Prompts
+    from tasks.load_model import load_model
+    from tasks.train import train_adapter
+
+    result: dict[str, Any] = {"import_s": time.perf_counter() - t0}
+    model_cfg = ModelConfig(name=str(model_dir), backend=backend, load_in_4bit=True, max_seq_length=2048)
+    t0 = time.perf_counter()
+    live = load_model(model_cfg)
+    result["load_s"] = time.perf_counter() - t0
+    live = attach_lora(live, LoraSettings(), model_cfg.max_seq_length, seed=3407)
+    store = str(work / "store")
+
+    for batch, length in layouts:
+        texts = exact_length_texts(live.tokenizer, batch * (warmup + steps), length, seed=batch)
+        prompts = Prompts([""] * len(texts), texts, [], [], None, live.tokenizer.eos_token)
+        settings = TrainSettings(per_device_batch_size=batch, gradient_accumulation_steps=1, warmup_steps=0,
+                                 max_steps=warmup + steps, optimizer="auto", packing="false")
+        trained = train_adapter(live, prompts, settings, model_cfg, store, f"bench/{backend}-{batch}x{length}")
+        figures = step_figures(trained.step_seconds, trained.step_tokens, warmup, params)
+        figures["peak_gib"] = trained.peak_memory_bytes / 2**30
+        figures["train_runtime_s"] = trained.runtime_seconds
+        result[f"{batch}x{length}"] = figures
+        log(f"{backend} project {batch}x{length}: {figures['tokens_per_s']:.0f} tokens/s, "
+            f"{figures['peak_gib']:.2f} GiB, first step {figures['first_step_s']:.1f} s")
+
+    if notebook:
+        prompts, mean_tokens = notebook_prompts(live.tokenizer, write_notebook_data(work))
+        # The notebook: batch 4 × accumulation 4, warm-up 5, 60 steps at 2e-4 = 960 examples seen once.
+        notebook_train = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, warmup_steps=5,
+                                       max_steps=60, learning_rate=2e-4, optimizer="auto")
+        runs = [("packed", notebook_train.model_copy(update={"packing": "auto"})),
+                ("unpacked", notebook_train.model_copy(update={"packing": "false", "max_steps": unpacked_steps}))]
+        for name, settings in runs:
+            reset_lora(live.model, seed=3407)
+            trained = train_adapter(live, prompts, settings, model_cfg, store, f"bench/{backend}-notebook-{name}")
+            skip = min(3, len(trained.step_seconds) // 2)
+            figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
+            figures.update(
+                packing=trained.packing, steps=trained.steps, train_runtime_s=trained.runtime_seconds,
+                examples_seen=round(sum(trained.step_tokens) / mean_tokens), real_tokens=sum(trained.step_tokens),
+                loss_first=trained.loss_first, loss_last=trained.loss_last,
+                held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
+            )
+            result[f"notebook_{name}"] = figures
+            log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
+                f"{figures['tokens_per_s']:.0f} real tokens/s steady, held-out loss {figures['held_out_loss']:.4f}")
+    return result
+
+
+def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, Any]:
+    """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone."""
+    import yaml
+
+    data_file = write_notebook_data(work)
+    config = {
+        "data": {"uri": str(data_file), "eval_fraction": NOTEBOOK_HELD_OUT / (NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT)},
+        "prompt": {"template": NOTEBOOK_TEMPLATE},
+        "model": {"name": str(model_dir), "backend": backend, "load_in_4bit": True, "max_seq_length": 2048},
+        "train": {"per_device_batch_size": 4, "gradient_accumulation_steps": 4, "warmup_steps": 5, "max_steps": steps,
+                  "learning_rate": 2e-4, "optimizer": "auto"},
+        # A random model never says EOS: generate for no example, so smoke-infer has nothing to fail on.
+        "infer": {"max_eval_examples": 0, "max_new_tokens": 8},
+        "output": {"dir": str(work / "cli-out"), "store": str(work / "cli-store")},
+    }
+    config_file = work / "cli.yaml"
+    config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
+    milestones = {"load-4bit-model:": "loaded_s", "attach-LoRA:": "attached_s", "train: step 1 done": "first_step_s",
+                  f"train: {steps} steps": "trained_s"}
+    seen: dict[str, float] = {}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "run", "--config", str(config_file)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        for marker, key in milestones.items():
+            if marker in line and key not in seen:
+                seen[key] = time.perf_counter() - started
+    code = process.wait()
+    seen["total_s"] = time.perf_counter() - started
+    result: dict[str, Any] = {"returncode": code, **seen}
+    summary_file = work / "cli-out" / "summary.json"
+    if code == 0 and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        result.update(train_runtime_s=summary["train_runtime_seconds"], packing=summary["packing"],
+                      train_steps=summary["train_steps"], backend=summary["backend"])
+    else:
+        result["log_tail"] = "".join(lines[-60:])
+    (work / "cli.log").write_text("".join(lines))
+    return result
+
+
+# --- orchestration ---------------------------------------------------------------------------------------------
+
+
+def run_worker(name: str, args: list[str], log_file: Path) -> dict[str, Any]:
+    result_file = log_file.with_suffix(".json")
+    command = [sys.executable, __file__, "worker", name, "--result", str(result_file), *args]
+    log(f"worker {name} {' '.join(args)}")
+    started = time.perf_counter()
+    with log_file.open("a") as handle:
+        code = subprocess.call(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if code != 0 or not result_file.exists():
+        tail = log_file.read_text(errors="replace")[-4000:]
+        log(f"worker {name} failed ({code}):\n{tail}")
+        return {"error": f"exit {code}", "log_tail": tail[-1500:]}
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| shape | path | batch × len | tokens/s | s/step | peak GiB | MFU | first step s | vs bare | vs transformers |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, per_path in results["shapes"].items():
+        for layout in results["layouts"]:
+            for path in ("bare", "unsloth", "transformers"):
+                figures = per_path.get(path, {}).get(layout)
+                if not figures:
+                    continue
+                tps = figures["tokens_per_s"]
+                vs_bare = ratio(tps, per_path.get("bare", {}).get(layout, {}).get("tokens_per_s"))
+                vs_tf = ratio(tps, per_path.get("transformers", {}).get(layout, {}).get("tokens_per_s"))
+                rows.append(
+                    f"| {shape} | {path} | {layout.replace('x', ' × ')} | {tps:,.0f} | {figures['s_per_step']:.3f} | "
+                    f"{figures['peak_gib']:.2f} | {figures['mfu']:.1%} | {figures['first_step_s']:.1f} | "
+                    f"{'' if vs_bare is None else f'{vs_bare:.3f}×'} | {'' if vs_tf is None else f'{vs_tf:.2f}×'} |"
+                )
+    rows += ["", "| shape | notebook workload (960 examples, 4 × 4) | steps | train() s | real tokens/s steady | "
+             "first step s | held-out loss | examples seen |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, per_path in results["shapes"].items():
+        for name in ("packed", "unpacked"):
+            figures = per_path.get("unsloth", {}).get(f"notebook_{name}")
+            if figures:
+                rows.append(
+                    f"| {shape} | unsloth, {name} | {figures['steps']} | {figures['train_runtime_s']:.1f} | "
+                    f"{figures['tokens_per_s']:,.0f} | {figures['first_step_s']:.1f} | {figures['held_out_loss']:.4f} | "
+                    f"{figures['examples_seen']} |"
+                )
+        packed = per_path.get("unsloth", {}).get("notebook_packed")
+        unpacked = per_path.get("unsloth", {}).get("notebook_unpacked")
+        if packed and unpacked:
+            rows.append(f"| {shape} | packed ÷ unpacked real tokens/s | | | "
+                        f"{packed['tokens_per_s'] / unpacked['tokens_per_s']:.1f}× | | | |")
+    cli = results.get("cli")
+    if cli:
+        rows += ["", f"`loraflow run` (notebook workload, {results['cli_shape']}, warm machine): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in cli.items() if k.endswith("_s"))
+                     + f", exit {cli['returncode']}"]
+    return "\n".join(rows)
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo",
+                 "datasets", "prefect"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="where the JSON and logs go")
+    parser.add_argument("--work", default="/tmp/loraflow-bench", help="models, data and stores (local disk)")
+    parser.add_argument("--shapes", default="8b,1b")
+    parser.add_argument("--layouts", default="4x2048,1x2048", help="batch x length, comma-separated")
+    parser.add_argument("--paths", default="bare,unsloth,transformers")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--notebook", default="8b,1b", help="shapes that also run the notebook workload")
+    parser.add_argument("--notebook-paths", default="unsloth", help="paths that run the notebook workload")
+    parser.add_argument("--cli-backend", default="unsloth")
+    parser.add_argument("--cli-steps", type=int, default=60)
+    parser.add_argument("--unpacked-steps", default="8b:12,1b:60",
+                        help="optimizer steps of the unpacked notebook run per shape (60 = all 960 examples)")
+    parser.add_argument("--cli", default="8b", help="shape for the `loraflow run` timing ('' = skip)")
+    args = parser.parse_args()
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = out / "workers.log"
+    unpacked_steps = dict(item.split(":") for item in args.unpacked_steps.split(","))
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "gpu": gpu_name(), "versions": versions(), "command": " ".join(sys.argv),
+        "layouts": args.layouts.split(","), "warmup": args.warmup, "steps": args.steps, "peak_flops": PEAK_FLOPS,
+        "shapes": {},
+    }
+    started = time.perf_counter()
+    for shape in args.shapes.split(","):
+        model_dir = work / f"llama-{shape}-bf16"
+        per_path: dict[str, Any] = results["shapes"].setdefault(shape, {})
+        built = run_worker("build", [shape, str(model_dir)], logs) if not (model_dir / "config.json").exists() else {}
+        params_file = work / f"llama-{shape}.params"
+        if "params" in built:
+            params_file.write_text(str(built["params"]))
+        per_path["build"] = built
+        per_path["params"] = int(params_file.read_text())
+        common = [str(model_dir), args.layouts, str(args.warmup), str(args.steps), str(per_path["params"]), str(work)]
+        for path in args.paths.split(","):
+            notebook = path in args.notebook_paths.split(",") and shape in args.notebook.split(",")
+            extra = [str(notebook), unpacked_steps.get(shape, "60")] if path != "bare" else []
+            per_path[path] = run_worker(path, common + extra, logs)
+            (out / "bench.json").write_text(json.dumps(results, indent=1))
+        if shape == args.cli:
+            results["cli_shape"] = shape
+            results["cli"] = run_worker("cli", [str(model_dir), str(work), args.cli_backend, str(args.cli_steps)], logs)
+    results["total_s"] = time.perf_counter() - started
+    report = table(results)
+    results["table"] = report
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(report + "\n")
+    print(f"\n{results['date']}, {results['gpu']}, " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
+    print(report)
+
+
+def worker_main(argv: list[str]) -> None:
+    name, _, result_file, *rest = argv
+    if name == "build":
+        result = build(rest[0], Path(rest[1]))
+    elif name == "cli":
+        result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]))
+    else:
+        model_dir, layouts, warmup, steps, params, work = rest[:6]
+        parsed = [tuple(int(x) for x in item.split("x")) for item in layouts.split(",")]
+        if name == "bare":
+            result = bare(Path(model_dir), parsed, int(warmup), int(steps), int(params))
+        else:
+            result = project(name, Path(model_dir), parsed, int(warmup), int(steps), int(params), Path(work),
+                             notebook=rest[6] == "True", unpacked_steps=int(rest[7]))
+    Path(result_file).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        worker_main(sys.argv[2:])
+    else:
+        main()

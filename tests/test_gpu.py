@@ -1,0 +1,134 @@
+"""GPU tier: the whole eight-task flow on CUDA with backend unsloth and with backend transformers, and packed
+(and padding-free) batches that keep their examples apart. Skipped where there is no CUDA.
+
+On the GPU machine (see docs/benchmarks.md):  source bench/gpu_env.sh; python3 -m pytest -q -m gpu tests/test_gpu.py
+Each flow runs as `loraflow run` in a process of its own, as a user starts it: Unsloth patches transformers when
+it is imported, so the two backends never share a process. Set LORAFLOW_GPU_REPORT=<file> to keep the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_CONFIG
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+TASKS = ["fetch-dataset", "format-prompts", "load-4bit-model", "attach-LoRA", "train", "smoke-infer", "save-local", "push-hub"]
+
+
+def report(key: str, value: Any) -> None:
+    path = os.environ.get("LORAFLOW_GPU_REPORT")
+    if path:
+        data = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        data[key] = value
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+def run_flow(work: Path, *overrides: str) -> tuple[int, str, dict[str, float]]:
+    """`loraflow run` on the tiny config; returns exit code, log, and seconds from launch to milestones."""
+    command = [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+               "--set", f"output.store={work / 'store'}", *[arg for o in overrides for arg in ("--set", o)]]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], {}
+    for line in process.stdout:
+        lines.append(line)
+        for marker, key in (("load-4bit-model:", "loaded_s"), ("train: step 1 done", "first_step_s")):
+            if marker in line and key not in seen:
+                seen[key] = round(time.perf_counter() - started, 2)
+    code = process.wait(timeout=900)
+    seen["total_s"] = round(time.perf_counter() - started, 2)
+    return code, "".join(lines), seen
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "transformers"])
+def test_whole_flow_trains_in_4bit_on_cuda(backend: str, tmp_path: Path) -> None:
+    code, log, seen = run_flow(tmp_path, f"model.backend={backend}", "model.load_in_4bit=true")
+    assert code == 0, log[-5000:]
+    for name in TASKS:
+        assert f"Task run '{name}-" in log, f"task {name} did not run"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["backend"] == backend
+    assert "4-bit True" in log and "on cuda" in log  # load-4bit-model's line: NF4 weights on the GPU
+    assert summary["train_steps"] == 120
+    assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
+    assert summary["packing"] is (backend == "unsloth")  # auto: on where attention keeps examples apart
+    assert summary["eval_accuracy"] is not None  # smoke-infer's gate passed: every answer ended with EOS
+    report(f"flow_{backend}", {**seen, "eval_accuracy": summary["eval_accuracy"], "packing": summary["packing"],
+                               "loss": [summary["train_loss_first"], summary["train_loss_last"]],
+                               "train_runtime_s": summary["train_runtime_seconds"]})
+
+
+def packing_check() -> dict[str, Any]:
+    """Logits of each batch the Unsloth trainer builds (packed rows, or padding-free rows), against each example
+    run alone, and against the same row with no example boundaries (what attention leaking would give)."""
+    import tempfile
+
+    import loraflow.unsloth_backend as unsloth_backend  # first, as the flow does
+    from loraflow.config import LoraSettings, ModelConfig, TrainSettings
+    from tasks.attach_lora import attach_lora
+    from tasks.format_prompts import Prompts
+    from tasks.load_model import load_model
+    from tasks.train import build_trainer
+
+    model_cfg = ModelConfig(name="loraflow:tiny-llama", backend="unsloth", load_in_4bit=True, max_seq_length=512)
+    live = attach_lora(load_model(model_cfg), LoraSettings(gradient_checkpointing="unsloth"), 512, seed=3407)
+    demo = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text(encoding="utf-8"))
+    texts = [f"{row['instruction']}\n{row['input'] * (1 + i % 3)}\n答:{row['output']}{live.tokenizer.eos_token}"
+             for i, row in enumerate(demo[:8])]
+    prompts = Prompts([""] * len(texts), texts, [], [], None, live.tokenizer.eos_token)
+    found: dict[str, Any] = {}
+    for packing in ("true", "false"):
+        settings = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=1, max_steps=1, packing=packing)
+        with tempfile.TemporaryDirectory() as work:
+            trainer = build_trainer(live, prompts, settings, model_cfg, Path(work))
+            batch = next(iter(trainer.get_train_dataloader()))
+        unsloth_backend.for_training(live.model)
+        batch = {k: v.to("cuda") for k, v in batch.items()}
+        lengths = batch["packed_seq_lengths"].tolist()  # Unsloth's example boundaries (absent = no varlen)
+        os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # training forwards return no logits otherwise
+        with torch.no_grad(), torch.autocast("cuda", dtype=live.dtype):
+            packed = live.model(**batch).logits[0].float()
+            leaked = live.model(input_ids=batch["input_ids"]).logits[0].float()  # one causal row, no boundaries
+            alone, start = [], 0
+            for length in lengths:
+                ids = batch["input_ids"][:, start : start + length]
+                alone.append(live.model(input_ids=ids).logits[0].float())
+                start += length
+        os.environ.pop("UNSLOTH_RETURN_LOGITS")
+        alone_cat = torch.cat(alone)
+        scale = alone_cat.abs().max().item()
+        first = lengths[0]  # the first example sees nothing before it either way; compare the others
+        found[packing] = {
+            "lengths": lengths,
+            "row_shape": list(batch["input_ids"].shape),
+            "args_packing": bool(trainer.args.packing),
+            "packed_vs_alone": (packed - alone_cat)[first:].abs().max().item() / scale,
+            "leaked_vs_alone": (leaked - alone_cat)[first:].abs().max().item() / scale,
+        }
+    return found
+
+
+def test_packed_examples_do_not_attend_to_each_other() -> None:
+    code = "import json, tests.test_gpu as t; print('RESULT', json.dumps(t.packing_check()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    found = json.loads(result.stdout.split("RESULT ", 1)[1])
+    report("packing_check", found)
+    packed, padding_free = found["true"], found["false"]
+    assert packed["args_packing"] and len(packed["lengths"]) >= 3  # several examples in one packed row
+    assert len(padding_free["lengths"]) == 4  # unpacked: Unsloth's padding-free row of the batch's 4 examples
+    for case in (packed, padding_free):
+        assert case["row_shape"][0] == 1
+        assert case["leaked_vs_alone"] > 0.05  # the check can see a leak: one causal row differs clearly
+        assert case["packed_vs_alone"] < 0.02  # bf16 noise only: each example saw itself alone
