@@ -37,5 +37,12 @@ test: install
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
+# A local stack on 127.0.0.1: Prefect server, S3 (nanio), work pool, blocks, deployments, a worker.
+stack: install
+	bash infra/stack/up.sh
+
+stack-down:
+	bash infra/stack/down.sh
+
 clean:
 	rm -rf $(VENV) .loraflow outputs

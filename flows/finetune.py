@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from loraflow.builders import choose_backend
 from loraflow.cache_keys import adapter_key, train_key
@@ -116,4 +118,12 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
 
     summary.update(adapter_dir=output_dir, hub_url=hub_url, duration_seconds=round(time.time() - started, 2))
     write_summary(Path(output_dir), summary)
+    summary["summary_uri"] = publish_summary(cfg.output.store, summary)
     return summary
+
+
+def publish_summary(store_uri: str, summary: dict[str, Any]) -> str:
+    """The run's summary also goes to the store, one object per flow run, beside the adapters."""
+    run_id = flow_run.get_id() or "local"
+    body = json.dumps(summary, indent=1, ensure_ascii=False).encode()
+    return open_store(store_uri).put_bytes(body, f"summaries/{run_id}.json")
