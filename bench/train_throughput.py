@@ -245,12 +245,64 @@ def held_out_loss(live: Any, prompts: Any) -> float:
     return total / tokens
 
 
+NOTEBOOK_VARIANTS = {
+    "notebook": "the notebook's configuration: 4 × 4 unpacked, padding as Unsloth decides (padding-free rows)",
+    "packed": "the project's default (train.packing auto): the step's 16 examples packed into one row",
+    "segments": "packed, but attention as Unsloth does it on torch 2.11: one SDPA call per example",
+    "merged": "unpacked, accumulation folded into the batch: one padded 16-row micro-batch per step",
+    "trl": "TRL's own packing layout: 4 × 4 rows of 2,048 tokens (3 optimizer steps for 960 examples)",
+}
+
+
+def notebook_variant(name: str, base: Any, unpacked_steps: int) -> tuple[Any, dict[str, Any], bool]:
+    """(train settings, SFTConfig fields to force, flash varlen on) for a variant of the notebook workload."""
+    if name == "notebook":
+        return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps}), {"padding_free": None}, True
+    if name == "packed":
+        return base.model_copy(update={"packing": "auto"}), {}, True
+    if name == "segments":
+        return base.model_copy(update={"packing": "auto"}), {}, False
+    if name == "merged":
+        return base.model_copy(update={"packing": "false", "per_device_batch_size": 16,
+                                       "gradient_accumulation_steps": 1}), {}, True
+    if name == "trl":
+        return base.model_copy(update={"packing": "auto", "max_steps": None, "num_epochs": 1.0}), \
+            {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "max_length": 2048}, True
+    raise ValueError(name)
+
+
+class sft_overrides:
+    """Force SFTConfig fields the project sets otherwise (bench variants only; the project never does this)."""
+
+    def __init__(self, **fields: Any):
+        self.fields = fields
+
+    def __enter__(self) -> None:
+        import tasks.train
+
+        self.original = build_sft_config = tasks.train.build_sft_config
+        fields = self.fields
+
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            config = build_sft_config(*args, **kwargs)
+            for key, value in fields.items():
+                setattr(config, key, value)
+            return config
+
+        tasks.train.build_sft_config = patched
+
+    def __exit__(self, *exc: Any) -> None:
+        import tasks.train
+
+        tasks.train.build_sft_config = self.original
+
+
 def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
-            work: Path, notebook: bool, unpacked_steps: int) -> dict[str, Any]:
+            work: Path, variants: list[str], unpacked_steps: int) -> dict[str, Any]:
     """The project's own task functions, as the flow calls them."""
     t0 = time.perf_counter()
     if backend == "unsloth":
-        import loraflow.unsloth_backend  # noqa: F401  (first, as the flow does)
+        import loraflow.unsloth_backend  # (first, as the flow does)
     import torch
     from loraflow.config import LoraSettings, ModelConfig, TrainSettings
     from tasks.attach_lora import attach_lora
@@ -279,16 +331,18 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
         log(f"{backend} project {batch}x{length}: {figures['tokens_per_s']:.0f} tokens/s, "
             f"{figures['peak_gib']:.2f} GiB, first step {figures['first_step_s']:.1f} s")
 
-    if notebook:
+    if variants:
         prompts, mean_tokens = notebook_prompts(live.tokenizer, write_notebook_data(work))
         # The notebook: batch 4 × accumulation 4, warm-up 5, 60 steps at 2e-4 = 960 examples seen once.
         notebook_train = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, warmup_steps=5,
                                        max_steps=60, learning_rate=2e-4, optimizer="auto")
-        runs = [("packed", notebook_train.model_copy(update={"packing": "auto"})),
-                ("unpacked", notebook_train.model_copy(update={"packing": "false", "max_steps": unpacked_steps}))]
-        for name, settings in runs:
+        for name in variants:
+            settings, sft_fields, flash_varlen = notebook_variant(name, notebook_train, unpacked_steps)
+            if backend == "unsloth":
+                loraflow.unsloth_backend.use_flash_varlen(flash_varlen)
             reset_lora(live.model, seed=3407)
-            trained = train_adapter(live, prompts, settings, model_cfg, store, f"bench/{backend}-notebook-{name}")
+            with sft_overrides(**sft_fields):
+                trained = train_adapter(live, prompts, settings, model_cfg, store, f"bench/{backend}-notebook-{name}")
             skip = min(3, len(trained.step_seconds) // 2)
             figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
             figures.update(
@@ -299,7 +353,10 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
             )
             result[f"notebook_{name}"] = figures
             log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
-                f"{figures['tokens_per_s']:.0f} real tokens/s steady, held-out loss {figures['held_out_loss']:.4f}")
+                f"{figures['tokens_per_s']:.0f} real tokens/s steady, first step {figures['first_step_s']:.1f} s, "
+                f"held-out loss {figures['held_out_loss']:.4f}")
+        if backend == "unsloth":
+            loraflow.unsloth_backend.use_flash_varlen(True)
     return result
 
 
@@ -386,22 +443,19 @@ def table(results: dict[str, Any]) -> str:
                     f"{figures['peak_gib']:.2f} | {figures['mfu']:.1%} | {figures['first_step_s']:.1f} | "
                     f"{'' if vs_bare is None else f'{vs_bare:.3f}×'} | {'' if vs_tf is None else f'{vs_tf:.2f}×'} |"
                 )
-    rows += ["", "| shape | notebook workload (960 examples, 4 × 4) | steps | train() s | real tokens/s steady | "
-             "first step s | held-out loss | examples seen |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows += ["", "| shape | notebook workload (960 examples of 61-151 tokens) | steps | train() s | real tokens/s steady | "
+             "vs notebook | first step s | held-out loss | examples seen |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, per_path in results["shapes"].items():
-        for name in ("packed", "unpacked"):
-            figures = per_path.get("unsloth", {}).get(f"notebook_{name}")
-            if figures:
-                rows.append(
-                    f"| {shape} | unsloth, {name} | {figures['steps']} | {figures['train_runtime_s']:.1f} | "
-                    f"{figures['tokens_per_s']:,.0f} | {figures['first_step_s']:.1f} | {figures['held_out_loss']:.4f} | "
-                    f"{figures['examples_seen']} |"
-                )
-        packed = per_path.get("unsloth", {}).get("notebook_packed")
-        unpacked = per_path.get("unsloth", {}).get("notebook_unpacked")
-        if packed and unpacked:
-            rows.append(f"| {shape} | packed ÷ unpacked real tokens/s | | | "
-                        f"{packed['tokens_per_s'] / unpacked['tokens_per_s']:.1f}× | | | |")
+        runs = {k.removeprefix("notebook_"): v for k, v in per_path.get("unsloth", {}).items() if k.startswith("notebook_")}
+        base = runs.get("notebook", {}).get("tokens_per_s")
+        for name, figures in runs.items():
+            vs = ratio(figures["tokens_per_s"], base)
+            rows.append(
+                f"| {shape} | {name} | {figures['steps']} | {figures['train_runtime_s']:.1f} | "
+                f"{figures['tokens_per_s']:,.0f} | {'' if vs is None else f'{vs:.1f}×'} | {figures['first_step_s']:.1f} | "
+                f"{figures['held_out_loss']:.4f} | {figures['examples_seen']} |"
+            )
     cli = results.get("cli")
     if cli:
         rows += ["", f"`loraflow run` (notebook workload, {results['cli_shape']}, warm machine): "
@@ -440,14 +494,16 @@ def main() -> None:
     parser.add_argument("--paths", default="bare,unsloth,transformers")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--notebook", default="8b,1b", help="shapes that also run the notebook workload")
+    parser.add_argument("--notebook", default="8b:notebook,packed,merged;1b:notebook,packed,segments,merged,trl",
+                        help="notebook-workload variants per shape (see NOTEBOOK_VARIANTS)")
     parser.add_argument("--notebook-paths", default="unsloth", help="paths that run the notebook workload")
     parser.add_argument("--cli-backend", default="unsloth")
     parser.add_argument("--cli-steps", type=int, default=60)
-    parser.add_argument("--unpacked-steps", default="8b:12,1b:60",
-                        help="optimizer steps of the unpacked notebook run per shape (60 = all 960 examples)")
+    parser.add_argument("--unpacked-steps", default="8b:10,1b:60",
+                        help="optimizer steps of the `notebook` variant per shape (60 = all 960 examples)")
     parser.add_argument("--cli", default="8b", help="shape for the `loraflow run` timing ('' = skip)")
     args = parser.parse_args()
+    args.variants = dict(item.split(":") for item in args.notebook.split(";") if item)
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -471,8 +527,8 @@ def main() -> None:
         per_path["params"] = int(params_file.read_text())
         common = [str(model_dir), args.layouts, str(args.warmup), str(args.steps), str(per_path["params"]), str(work)]
         for path in args.paths.split(","):
-            notebook = path in args.notebook_paths.split(",") and shape in args.notebook.split(",")
-            extra = [str(notebook), unpacked_steps.get(shape, "60")] if path != "bare" else []
+            variants = args.variants.get(shape, "") if path in args.notebook_paths.split(",") else ""
+            extra = [variants or "-", unpacked_steps.get(shape, "60")] if path != "bare" else []
             per_path[path] = run_worker(path, common + extra, logs)
             (out / "bench.json").write_text(json.dumps(results, indent=1))
         if shape == args.cli:
@@ -500,7 +556,7 @@ def worker_main(argv: list[str]) -> None:
             result = bare(Path(model_dir), parsed, int(warmup), int(steps), int(params))
         else:
             result = project(name, Path(model_dir), parsed, int(warmup), int(steps), int(params), Path(work),
-                             notebook=rest[6] == "True", unpacked_steps=int(rest[7]))
+                             variants=[v for v in rest[6].split(",") if v != "-"], unpacked_steps=int(rest[7]))
     Path(result_file).write_text(json.dumps(result, indent=1))
 
 

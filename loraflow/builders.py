@@ -153,6 +153,9 @@ def build_sft_config(
         completion_only_loss=train.completion_only_loss,
         packing=packing,
         packing_strategy="bfd",  # whole examples per row, with per-example position ids (no cross-attention)
+        # Unpacked rows stay rows: left unset, Unsloth flattens every micro-batch into one padding-free row, whose
+        # variable-length attention skips its compiled decoder blocks (measured 0.83x of a plain loop at 4 x 2048).
+        padding_free=packing,
         # attach-LoRA already turned checkpointing on (Unsloth's or PEFT's); the trainer must not redo it.
         gradient_checkpointing=False,
         # Both would read a GPU value back after every micro-batch (a host-device sync, the GPU idles while

@@ -40,6 +40,47 @@ use_compile_cache()
 
 import unsloth  # noqa: E402, F401  (must precede transformers; see the module docstring)
 from unsloth import FastLanguageModel  # noqa: E402
+from unsloth.utils import attention_dispatch  # noqa: E402
+
+_UNSLOTH_VARLEN = (attention_dispatch._TORCH_VARLEN_ATTN, attention_dispatch._LEAN_VARLEN,
+                   getattr(attention_dispatch, "_varlen_can_use_cudnn", None))
+
+
+def use_flash_varlen(enabled: bool = True) -> bool:
+    """Packed rows through one variable-length flash-attention call per layer, on torch 2.11 too.
+
+    Unsloth 2026.10.9 takes torch's varlen flash kernel only where `torch.nn.attention.varlen.varlen_attn`
+    has `enable_gqa` (torch >= 2.12). On torch 2.11 (the H200 image) it falls back to one SDPA call per packed
+    example per layer and pass: correct, but a packed step becomes host-bound. The kernel it would call, aten's
+    `_flash_attention_forward` with cumulative sequence lengths (grouped-query heads native), is in torch 2.11;
+    Unsloth's own `_LeanFlashVarlen` calls exactly that, so route its varlen calls there. Each example still
+    attends only to itself (cu_seqlens = the example boundaries; tests/test_gpu.py checks the logits).
+    Returns whether the route is on; a no-op where Unsloth already has a varlen kernel.
+    """
+    import torch
+
+    native, lean, cudnn = _UNSLOTH_VARLEN
+    if native is not None or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    if not enabled:
+        attention_dispatch._TORCH_VARLEN_ATTN, attention_dispatch._LEAN_VARLEN = native, lean
+        if cudnn is not None:
+            attention_dispatch._varlen_can_use_cudnn = cudnn
+        return False
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        return attention_dispatch._LeanFlashVarlen.apply(
+            query, key, value, cu_seq_q, max_q, window_size == (-1, 0), scale, window_size[0], window_size[1]
+        )
+
+    attention_dispatch._TORCH_VARLEN_ATTN = varlen_attn
+    attention_dispatch._LEAN_VARLEN = True
+    attention_dispatch._varlen_can_use_cudnn = lambda *args, **kwargs: False
+    return True
+
+
+use_flash_varlen(os.environ.get("LORAFLOW_FLASH_VARLEN", "1") != "0")
 
 
 def load(model_path: str, cfg: ModelConfig, dtype: Any) -> tuple[Any, Any]:
