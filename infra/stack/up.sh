@@ -71,8 +71,8 @@ echo "  work pool gpu: ready"
 echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) from prefect.yaml"
 
 # The worker's flow runs read the store through the AwsCredentials block, not through keys in their env.
-env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY LORAFLOW_AWS_CREDENTIALS_BLOCK=loraflow-s3 \
-  start worker "$BIN/prefect" worker start --pool gpu --name "loraflow-$(hostname)"
+start worker env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY LORAFLOW_AWS_CREDENTIALS_BLOCK=loraflow-s3 \
+  "$BIN/prefect" worker start --pool gpu --name "loraflow-$(hostname)"
 
 cat <<INFO
 ready:
