@@ -23,3 +23,7 @@ class StoreConfigError(LoraflowInputError):
 
 class StoreUnavailableError(Exception):
     """The artifact store's endpoint cannot be reached (after retries)."""
+
+
+class TrainingOutOfMemoryError(Exception):
+    """The GPU ran out of memory: retrying the same batch would fail the same way, so it never retries."""

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.logs import run_logger
+from loraflow.retries import retry_transient
 from loraflow.store import open_store
 
 
@@ -31,7 +32,8 @@ def save_local(store_uri: str, adapter_key: str, output_dir: str, summary: dict[
     return str(folder)
 
 
-@task(name="save-local", cache_policy=NO_CACHE, persist_result=False)
+@task(name="save-local", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
 def save_local_task(store_uri: str, adapter_key: str, output_dir: str, summary: dict[str, Any], model_card: str) -> str:
     """Write the adapter and its summary to the output folder."""
     return save_local(store_uri, adapter_key, output_dir, summary, model_card)

@@ -18,6 +18,7 @@ from loraflow.errors import QualityGateError
 from loraflow.fingerprint import stable_hash
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
+from loraflow.retries import retry_transient
 from loraflow.store import open_store
 from tasks.format_prompts import EvalExample, Prompts
 from tasks.load_model import load_model
@@ -112,7 +113,8 @@ def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     )
 
 
-@task(name="smoke-infer", cache_key_fn=smoke_infer_cache_key, persist_result=True)
+@task(name="smoke-infer", cache_key_fn=smoke_infer_cache_key, persist_result=True,
+      retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def smoke_infer_task(
     live: LiveModel | None, prompts: Prompts, infer: InferSettings, model: ModelConfig, store_uri: str, adapter_key: str
 ) -> InferResult:

@@ -14,8 +14,10 @@ from prefect import task
 
 from loraflow.builders import BatchLayout, batch_layout, build_sft_config, packing_enabled
 from loraflow.config import ModelConfig, TrainSettings
+from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
+from loraflow.retries import retry_transient
 from loraflow.store import open_store
 from tasks.format_prompts import Prompts
 
@@ -177,7 +179,7 @@ def train_adapter(
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as work:
         trainer = build_trainer(live, prompts, train, model, Path(work), clock)
         clock.start()
-        output = trainer.train()
+        output = train_or_explain_oom(trainer, train, model)
         runtime = time.perf_counter() - clock.started
         adapter_dir = Path(work) / "adapter"
         live.model.save_pretrained(adapter_dir)
@@ -209,6 +211,19 @@ def train_adapter(
     return result
 
 
+def train_or_explain_oom(trainer: Any, train: TrainSettings, model: ModelConfig) -> Any:
+    import torch
+
+    try:
+        return trainer.train()
+    except torch.OutOfMemoryError as exc:
+        raise TrainingOutOfMemoryError(
+            f"CUDA out of memory at train.per_device_batch_size={train.per_device_batch_size} × "
+            f"model.max_seq_length={model.max_seq_length}: lower the batch size (raise gradient_accumulation_steps "
+            f"to keep the effective batch) or the sequence length, or turn on lora.gradient_checkpointing. ({exc})"
+        ) from None
+
+
 def published_result(store_uri: str, adapter_key: str) -> TrainResult:
     """The TrainResult of an adapter already in the store (trained by an earlier run with the same key)."""
     store = open_store(store_uri)
@@ -222,7 +237,8 @@ def train_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return "train-" + parameters["adapter_key"].replace("/", "-")
 
 
-@task(name="train", cache_key_fn=train_cache_key, persist_result=True)
+@task(name="train", cache_key_fn=train_cache_key, persist_result=True,
+      retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def train_task(
     live: LiveModel | None, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str
 ) -> TrainResult:
