@@ -26,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -407,7 +408,7 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, 
 
 
 def run_worker(name: str, args: list[str], log_file: Path) -> dict[str, Any]:
-    result_file = log_file.with_suffix(".json")
+    result_file = Path(tempfile.mkdtemp(prefix="bench-")) / f"{name}.json"  # $OUT returns 8 files at most
     command = [sys.executable, __file__, "worker", name, "--result", str(result_file), *args]
     log(f"worker {name} {' '.join(args)}")
     started = time.perf_counter()
@@ -490,7 +491,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="where the JSON and logs go")
     parser.add_argument("--work", default="/tmp/loraflow-bench", help="models, data and stores (local disk)")
     parser.add_argument("--shapes", default="8b,1b")
-    parser.add_argument("--layouts", default="4x2048,1x2048", help="batch x length, comma-separated")
+    parser.add_argument("--layouts", default="4x2048,1x2048", help="batch x length, comma-separated ('-': none)")
     parser.add_argument("--paths", default="bare,unsloth,transformers")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -551,7 +552,7 @@ def worker_main(argv: list[str]) -> None:
         result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]))
     else:
         model_dir, layouts, warmup, steps, params, work = rest[:6]
-        parsed = [tuple(int(x) for x in item.split("x")) for item in layouts.split(",")]
+        parsed = [tuple(int(x) for x in item.split("x")) for item in layouts.split(",") if item != "-"]
         if name == "bare":
             result = bare(Path(model_dir), parsed, int(warmup), int(steps), int(params))
         else:

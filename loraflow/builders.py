@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import logging
 import math
@@ -94,25 +95,44 @@ class BatchLayout:
     row_tokens: int  # longest row (TRL's max_length): a truncation cap unpacked, the pack size packed
 
 
+def packed_rows(lengths: list[int], row_tokens: int) -> int:
+    """How many rows best-fit-decreasing packing (TRL's "bfd") makes of examples of these lengths."""
+    free: list[int] = []  # room left in each row, sorted
+    for length in sorted(lengths, reverse=True):
+        best = bisect.bisect_left(free, min(length, row_tokens))
+        room = free.pop(best) if best < len(free) else row_tokens
+        bisect.insort(free, room - min(length, row_tokens))
+    return len(free)
+
+
 def batch_layout(train: TrainSettings, model_cfg: ModelConfig, lengths: list[int], packing: bool) -> BatchLayout:
     """Unpacked: the config's batch × accumulation rows of up to max_seq_length tokens.
 
     Packed: the same number of examples per optimizer step as unpacked, in as few rows as fit, so max_steps,
-    warm-up and the learning rate keep their meaning (the notebook's 60 steps of 4 × 4 still see 960 examples)
-    while the GPU gets a few long rows instead of many short ones:
-        tokens per step = batch × accumulation × mean example length    (16 × ~100 = ~1,600 in the notebook)
+    warm-up and the learning rate keep their meaning (the notebook's 60 steps of 4 × 4 still see its 960
+    examples once) while the GPU gets a few long rows instead of many short ones:
+        tokens per step = batch × accumulation × mean example length    (16 × ~105 = ~1,700 in the notebook)
         rows per step   = ceil(tokens per step / max_seq_length), at most batch × accumulation
-        row length      = tokens per step / rows, at least the longest example (never truncated by packing)
+        row length      = the shortest for which packing makes no more rows than steps per epoch × rows per
+                          step, and never shorter than the longest example (packing truncates nothing)
     """
-    if not packing:
+    if not packing or not lengths:
         return BatchLayout(train.per_device_batch_size, train.gradient_accumulation_steps, model_cfg.max_seq_length)
     examples_per_step = train.per_device_batch_size * train.gradient_accumulation_steps
-    step_tokens = math.ceil(examples_per_step * sum(lengths) / max(len(lengths), 1))
-    rows = max(1, min(examples_per_step, math.ceil(step_tokens / model_cfg.max_seq_length)))
-    batch_size = min(rows, train.per_device_batch_size)
-    accumulation = math.ceil(rows / batch_size)
-    row_tokens = max(math.ceil(step_tokens / (batch_size * accumulation)), max(lengths, default=1))
-    return BatchLayout(batch_size, accumulation, min(row_tokens, model_cfg.max_seq_length))
+    step_tokens = math.ceil(examples_per_step * sum(lengths) / len(lengths))
+    rows_per_step = max(1, min(examples_per_step, math.ceil(step_tokens / model_cfg.max_seq_length)))
+    batch_size = min(rows_per_step, train.per_device_batch_size)
+    accumulation = math.ceil(rows_per_step / batch_size)
+    target_rows = math.ceil(len(lengths) / examples_per_step) * batch_size * accumulation
+    low = min(max(math.ceil(step_tokens / (batch_size * accumulation)), max(lengths)), model_cfg.max_seq_length)
+    high = model_cfg.max_seq_length
+    while low < high:  # bisect the row length: fewer rows as rows grow
+        middle = (low + high) // 2
+        if packed_rows(lengths, middle) <= target_rows:
+            high = middle
+        else:
+            low = middle + 1
+    return BatchLayout(batch_size, accumulation, low)
 
 
 def build_sft_config(
@@ -143,6 +163,9 @@ def build_sft_config(
         lr_scheduler_type=train.lr_scheduler,
         seed=train.seed,
         logging_steps=train.logging_steps,
+        # Checkpoints would land in the train task's temporary folder and vanish with it (and the trainer writes
+        # one at the end, ~1 s of train() on the 8B shape): the adapter is published once, after training.
+        save_strategy="no",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         bf16=on_cuda and dtype == torch.bfloat16,
