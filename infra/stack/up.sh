@@ -70,7 +70,14 @@ echo "  work pool gpu: ready"
   || { echo "error: prefect deploy --all failed; see $STACK/logs/deploy.log" >&2; exit 1; }
 echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) from prefect.yaml"
 
-# The worker's flow runs read the store through the AwsCredentials block, not through keys in their env.
+# Zombie runs (heartbeats stopped: a dead box, a killed worker) are marked Crashed; created once.
+"$BIN/prefect" automation ls 2>/dev/null | grep -q "Crash zombie flow runs" \
+  || "$BIN/prefect" automation create --from-file "$ROOT/infra/automations/zombie-runs.yaml" >/dev/null
+echo "  automation: Crash zombie flow runs"
+
+# The worker's flow runs read the store through the AwsCredentials block, not through keys in their env;
+# they send a heartbeat every 60 s for the zombie automation.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
 start worker env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY LORAFLOW_AWS_CREDENTIALS_BLOCK=loraflow-s3 \
   "$BIN/prefect" worker start --pool gpu --name "loraflow-$(hostname)"
 
