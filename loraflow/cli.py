@@ -37,6 +37,11 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--output", help="output folder (output.dir)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config key; repeatable; the value is read as YAML")
+    webhook = commands.add_parser("webhook", help="the dataset-upload webhook receiver")
+    webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True, parser_class=ArgumentParser)
+    serve = webhook_commands.add_parser("serve", help="receive S3/SNS/MinIO upload notifications; emit Prefect events")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787)
     return parser
 
 
@@ -102,6 +107,17 @@ def run_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def webhook_command(args: argparse.Namespace) -> int:
+    from loraflow.webhook import WebhookSettings, serve
+
+    try:
+        settings = WebhookSettings.from_env()  # a settings error ends here in one line, before uvicorn starts
+    except ValueError as exc:
+        fail(EXIT_INPUT, str(exc))
+    serve(settings, args.host, args.port)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral server's first start migrates a fresh database; on a busy 2-core box that can outlast
@@ -111,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_command(args)
+    if args.command == "webhook":
+        return webhook_command(args)
     return EXIT_FAILED
 
 

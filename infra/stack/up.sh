@@ -75,6 +75,17 @@ echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) 
   || "$BIN/prefect" automation create --from-file "$ROOT/infra/automations/zombie-runs.yaml" >/dev/null
 echo "  automation: Crash zombie flow runs"
 
+# The dataset-upload webhook receiver (README "Dataset uploads"), for s3://$BUCKET/datasets/; its secret is
+# generated once and kept beside the S3 keys; only the receiver's environment gets it.
+WEBHOOK_PORT=${LORAFLOW_WEBHOOK_PORT:-8787}
+[ -f "$STACK/webhook.env" ] || (umask 077; printf 'LORAFLOW_WEBHOOK_SECRET=%s\n' \
+  "${LORAFLOW_WEBHOOK_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}" > "$STACK/webhook.env")
+LORAFLOW_WEBHOOK_SECRET=$(sed -n 's/^LORAFLOW_WEBHOOK_SECRET=//p' "$STACK/webhook.env") \
+  start webhook env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
+  LORAFLOW_WEBHOOK_ALLOWED="${LORAFLOW_WEBHOOK_ALLOWED:-$BUCKET/datasets/}" LORAFLOW_WEBHOOK_DB="$STACK/webhook.sqlite" \
+  "$BIN/python" -m loraflow.cli webhook serve --host 127.0.0.1 --port "$WEBHOOK_PORT"
+wait_for "http://127.0.0.1:$WEBHOOK_PORT/health" 60
+
 # The worker's flow runs read the store through the AwsCredentials block, not through keys in their env;
 # they send a heartbeat every 60 s for the zombie automation.
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
@@ -86,5 +97,6 @@ ready:
   Prefect UI/API  http://127.0.0.1:$PREFECT_PORT   (export PREFECT_API_URL=$PREFECT_API_URL)
   S3 endpoint     $AWS_ENDPOINT_URL   bucket s3://$BUCKET   (keys in $STACK/s3.env)
   run one:        prefect deployment run finetune/manual --param config='{"train": {"max_steps": 5}}'
+  uploads webhook http://127.0.0.1:$WEBHOOK_PORT/hooks/dataset-upload   (secret in $STACK/webhook.env)
   stop:           make stack-down
 INFO
