@@ -95,11 +95,18 @@ def packing_check() -> dict[str, Any]:
             trainer = build_trainer(live, prompts, settings, model_cfg, Path(work))
             return trainer, list(trainer.get_train_dataloader())
 
+    def example_lengths(batch: dict[str, Any]) -> list[int]:
+        """The examples of a packed row, from TRL's position ids (they restart at 0 for every example)."""
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        return [b - a for a, b in zip(starts, starts[1:])]
+
     trainer, packed_batches = batches("true")
     # the row holding the most examples (a packed epoch can end with a row of one)
-    batch = max(packed_batches, key=lambda b: len(b["packed_seq_lengths"]))
+    batch = max(packed_batches, key=lambda b: len(example_lengths(b)))
     batch = {k: v.to("cuda") for k, v in batch.items()}
-    lengths = batch["packed_seq_lengths"].tolist()  # the example boundaries Unsloth's attention reads
+    lengths = example_lengths(batch)
+    # what Unsloth's attention reads as boundaries (absent: derived from the position ids)
+    unsloth_lengths = batch["packed_seq_lengths"].tolist() if "packed_seq_lengths" in batch else None
     unsloth_backend.for_training(live.model)
     os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # training forwards return no logits otherwise
     with torch.no_grad(), torch.autocast("cuda", dtype=live.dtype):
@@ -113,15 +120,21 @@ def packing_check() -> dict[str, Any]:
     alone_cat = torch.cat(alone)
     scale = alone_cat.abs().max().item()
     first = lengths[0]  # the first example sees nothing before it either way; compare the others
+
+    def error(logits: torch.Tensor) -> float | None:
+        return (logits - alone_cat)[first:].abs().max().item() / scale if len(lengths) > 1 else None
+
     _, unpacked_batches = batches("false")
     return {
         "packed": {
             "lengths": lengths,
+            "unsloth_lengths": unsloth_lengths,
+            "batch_keys": sorted(batch),
             "row_shape": list(batch["input_ids"].shape),
             "args_packing": bool(trainer.args.packing),
             "flash_varlen": unsloth_backend.attention_dispatch._TORCH_VARLEN_ATTN is not None,
-            "packed_vs_alone": (packed - alone_cat)[first:].abs().max().item() / scale,
-            "leaked_vs_alone": (leaked - alone_cat)[first:].abs().max().item() / scale,
+            "packed_vs_alone": error(packed),
+            "leaked_vs_alone": error(leaked),
         },
         "unpacked": {
             "row_shapes": [list(b["input_ids"].shape) for b in unpacked_batches],
@@ -136,8 +149,10 @@ def test_packed_examples_do_not_attend_to_each_other() -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     found = json.loads(result.stdout.split("RESULT ", 1)[1])
     report("packing_check", found)
+    print(json.dumps(found))  # kept in the log: the figures behind the assertions below
     packed, unpacked = found["packed"], found["unpacked"]
-    assert packed["args_packing"] and packed["row_shape"][0] == 1 and len(packed["lengths"]) >= 3
+    assert packed["args_packing"] and packed["row_shape"][0] == 1 and len(packed["lengths"]) >= 3, found
+    assert packed["unsloth_lengths"] in (None, packed["lengths"]), found  # Unsloth's boundaries = the examples
     assert packed["packed_vs_alone"] < 0.03  # bf16 and 4-bit noise only: each example saw only itself
     # and the check can see a leak: the same row without boundaries differs many times more
     assert packed["leaked_vs_alone"] > max(0.05, 5 * packed["packed_vs_alone"])
