@@ -7,7 +7,6 @@ nothing loaded); 1 any other failure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, NoReturn

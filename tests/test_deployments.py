@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,36 +15,20 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.conftest import ROOT
-from tests.s3_server import free_port
+from tests.local_stack import read_env_file, stack_env, stack_script
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BUCKET = "loraflow-deploy-tests"
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     state = tmp_path_factory.mktemp("stack")
-    env = {
-        **os.environ,
-        "LORAFLOW_STACK_DIR": str(state),
-        "LORAFLOW_PREFECT_PORT": str(free_port()),
-        "LORAFLOW_S3_PORT": str(free_port()),
-        "LORAFLOW_BUCKET": BUCKET,
-        "LORAFLOW_BIN": str(Path(sys.executable).parent),
-    }
-    for key in ("PREFECT_HOME", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        env.pop(key, None)
-    up = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "up.sh")], env=env, capture_output=True, text=True,
-                        timeout=300)
+    env = stack_env(state, BUCKET)
+    up = stack_script("up.sh", env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        again = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "up.sh")], env=env, capture_output=True,
-                               text=True, timeout=300)
+        again = stack_script("up.sh", env)
         assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
         keys = read_env_file(state / "s3.env")
         api = f"http://127.0.0.1:{env['LORAFLOW_PREFECT_PORT']}/api"
@@ -54,8 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
         cli_env = {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(state / "prefect-home")}
         yield {"state": state, "env": cli_env, "s3": s3, "up": up.stdout}
     finally:
-        down = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "down.sh")], env=env, capture_output=True,
-                              text=True, timeout=120)
+        down = stack_script("down.sh", env, timeout=120)
         pids = [p for p in (state / "pids").glob("*.pid")]
         assert down.returncode == 0 and not pids, down.stdout + down.stderr
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import yaml
 
 from loraflow.webhook import sign
 from tests.conftest import DEMO_DATA, ROOT, TINY_CONFIG
+from tests.local_stack import stack_env, stack_script
 from tests.s3_server import free_port
 
 SECRET = "e2e-webhook-secret-0123456789abcdef"
@@ -33,21 +33,11 @@ HOOK = "/hooks/dataset-upload"
 DEBOUNCE = 2.0
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     state = tmp_path_factory.mktemp("webhook-stack")
-    env = {**os.environ, "LORAFLOW_STACK_DIR": str(state), "LORAFLOW_PREFECT_PORT": str(free_port()),
-           "LORAFLOW_S3_PORT": str(free_port()), "LORAFLOW_WEBHOOK_PORT": str(free_port()),
-           "LORAFLOW_BUCKET": "loraflow-webhook-tests",
-           "LORAFLOW_BIN": str(Path(sys.executable).parent)}
-    for key in ("PREFECT_HOME", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        env.pop(key, None)
-    up = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "up.sh")], env=env, capture_output=True, text=True,
-                        timeout=300)
+    env = stack_env(state, "loraflow-webhook-tests", LORAFLOW_WEBHOOK_PORT=str(free_port()))
+    up = stack_script("up.sh", env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         api = f"http://127.0.0.1:{env['LORAFLOW_PREFECT_PORT']}/api"
@@ -57,7 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"state": state, "api": api, "env": {**env, "PREFECT_API_URL": api,
                                                    "PREFECT_HOME": str(state / "prefect-home")}}
     finally:
-        subprocess.run(["bash", str(ROOT / "infra" / "stack" / "down.sh")], env=env, capture_output=True, timeout=120)
+        stack_script("down.sh", env, timeout=120)
 
 
 @pytest.fixture(scope="module")
