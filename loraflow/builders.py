@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import importlib.util
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,51 +86,37 @@ def packing_enabled(train: TrainSettings, backend: str, attn_implementation: str
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """What one optimizer step is made of: micro-batches of rows, each row up to row_tokens long."""
+    """What one optimizer step is made of: micro-batches of examples, each example up to row_tokens long."""
 
-    batch_size: int  # rows per micro-batch
+    batch_size: int  # examples per micro-batch (padded rows unpacked, one padding-free row packed)
     accumulation: int  # micro-batches per optimizer step
-    row_tokens: int  # longest row (TRL's max_length): a truncation cap unpacked, the pack size packed
-
-
-def packed_rows(lengths: list[int], row_tokens: int) -> int:
-    """How many rows best-fit-decreasing packing (TRL's "bfd") makes of examples of these lengths."""
-    free: list[int] = []  # room left in each row, sorted
-    for length in sorted(lengths, reverse=True):
-        best = bisect.bisect_left(free, min(length, row_tokens))
-        room = free.pop(best) if best < len(free) else row_tokens
-        bisect.insort(free, room - min(length, row_tokens))
-    return len(free)
+    row_tokens: int  # TRL's max_length: the truncation cap of one example
 
 
 def batch_layout(train: TrainSettings, model_cfg: ModelConfig, lengths: list[int], packing: bool) -> BatchLayout:
-    """Unpacked: the config's batch × accumulation rows of up to max_seq_length tokens.
+    """Unpacked: the config's batch × accumulation, padded rows of up to max_seq_length tokens.
 
-    Packed: the same number of examples per optimizer step as unpacked, in as few rows as fit, so max_steps,
-    warm-up and the learning rate keep their meaning (the notebook's 60 steps of 4 × 4 still see its 960
-    examples once) while the GPU gets a few long rows instead of many short ones:
-        tokens per step = batch × accumulation × mean example length    (16 × ~105 = ~1,700 in the notebook)
-        rows per step   = ceil(tokens per step / max_seq_length), at most batch × accumulation
-        row length      = the shortest for which packing makes no more rows than steps per epoch × rows per
-                          step, and never shorter than the longest example (packing truncates nothing)
+    Packed (padding-free): each micro-batch's examples are concatenated into one row with per-example position
+    ids, so a row costs its real tokens only. The optimizer step keeps the config's batch × accumulation
+    examples, in the same order (max_steps, warm-up and the learning rate keep their meaning; the loss is the
+    unpacked one), but accumulation folds into the micro-batch as far as the memory the config already asks
+    for allows:
+        tokens per micro-batch ≤ per_device_batch_size × max_seq_length      (4 × 2,048 = 8,192 in the notebook)
+        examples per micro-batch = the largest divisor k of batch × accumulation with k × longest example ≤ that
+    The notebook's 4 × 4 of ≤151-token examples: 16 × 151 = 2,416 ≤ 8,192, so one row of ~1,700 real tokens
+    per step instead of four rows of ~425: a quarter of the per-micro-batch cost (kernel launches,
+    dequantization), which dominates an 8B step this short.
     """
     if not packing or not lengths:
         return BatchLayout(train.per_device_batch_size, train.gradient_accumulation_steps, model_cfg.max_seq_length)
     examples_per_step = train.per_device_batch_size * train.gradient_accumulation_steps
-    step_tokens = math.ceil(examples_per_step * sum(lengths) / len(lengths))
-    rows_per_step = max(1, min(examples_per_step, math.ceil(step_tokens / model_cfg.max_seq_length)))
-    batch_size = min(rows_per_step, train.per_device_batch_size)
-    accumulation = math.ceil(rows_per_step / batch_size)
-    target_rows = math.ceil(len(lengths) / examples_per_step) * batch_size * accumulation
-    low = min(max(math.ceil(step_tokens / (batch_size * accumulation)), max(lengths)), model_cfg.max_seq_length)
-    high = model_cfg.max_seq_length
-    while low < high:  # bisect the row length: fewer rows as rows grow
-        middle = (low + high) // 2
-        if packed_rows(lengths, middle) <= target_rows:
-            high = middle
-        else:
-            low = middle + 1
-    return BatchLayout(batch_size, accumulation, low)
+    token_budget = train.per_device_batch_size * model_cfg.max_seq_length
+    longest = min(max(lengths), model_cfg.max_seq_length)
+    # k = per_device_batch_size always fits (its examples are at most max_seq_length long)
+    batch_size = max(
+        k for k in range(1, examples_per_step + 1) if examples_per_step % k == 0 and k * longest <= token_budget
+    )
+    return BatchLayout(batch_size, examples_per_step // batch_size, model_cfg.max_seq_length)
 
 
 def build_sft_config(
@@ -174,10 +158,13 @@ def build_sft_config(
         max_length=layout.row_tokens,
         dataset_text_field="text",
         completion_only_loss=train.completion_only_loss,
-        packing=packing,
-        packing_strategy="bfd",  # whole examples per row, with per-example position ids (no cross-attention)
-        # Unpacked rows stay rows: left unset, Unsloth flattens every micro-batch into one padding-free row, whose
-        # variable-length attention skips its compiled decoder blocks (measured 0.83x of a plain loop at 4 x 2048).
+        # Packing = padding-free rows: each micro-batch's examples concatenated into one row, position ids restarting
+        # at every example, which Unsloth's and flash-attention's variable-length attention keep apart. Not TRL's
+        # `packing` (bin-packing into max_length rows): 16 rows of 2,048 tokens per step would train the notebook's
+        # 960 examples in 3 optimizer steps. Unpacked rows stay padded rows: left unset, Unsloth flattens every
+        # micro-batch itself, and its variable-length attention skips its compiled decoder blocks (measured 0.83x
+        # of a plain loop at 4 x 2048 on the 1B shape).
+        packing=False,
         padding_free=packing,
         # attach-LoRA already turned checkpointing on (Unsloth's or PEFT's); the trainer must not redo it.
         gradient_checkpointing=False,

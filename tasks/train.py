@@ -59,7 +59,8 @@ def log_plan(train: TrainSettings, lengths: list[int], layout: BatchLayout, pack
     mean_tokens = sum(lengths) / len(lengths)
     effective_batch = train.per_device_batch_size * train.gradient_accumulation_steps
     # examples per optimizer step = batch × accumulation, packed or not; tokens per step = that × mean length
-    rows = f"{layout.batch_size} × {layout.accumulation} rows of ≤{layout.row_tokens} tokens"
+    rows = (f"{layout.accumulation} padding-free row(s) of {layout.batch_size} examples per step" if packing
+            else f"{layout.batch_size} × {layout.accumulation} padded rows of ≤{layout.row_tokens} tokens")
     run_logger().info(
         "train: %d texts (mean %.0f, max %d tokens), effective batch %d examples = %d × %d accumulation, "
         "~%.0f tokens per step, packing %s (%s), max_steps %s, epochs %s, lr %g",
@@ -194,7 +195,7 @@ def train_adapter(
             runtime_seconds=runtime,
             tokens_per_second=sum(step_tokens) / runtime if runtime else 0.0,
             peak_memory_bytes=peak_memory_bytes(live.device),
-            packing=bool(trainer.args.packing),
+            packing=bool(trainer.args.padding_free),
             first_step_seconds=step_seconds[0] if step_seconds else 0.0,
             step_seconds=step_seconds,
             step_tokens=step_tokens,

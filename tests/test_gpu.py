@@ -70,7 +70,7 @@ def test_whole_flow_trains_in_4bit_on_cuda(backend: str, tmp_path: Path) -> None
 
 
 def packing_check() -> dict[str, Any]:
-    """The batches the Unsloth trainer builds: packed rows, with each example's logits compared to the same
+    """The batches the Unsloth trainer builds: packed (padding-free) rows, with each example's logits compared to the same
     example run alone and to the row with no example boundaries (what leaking attention would give); and
     unpacked batches, which must stay separate padded rows (Unsloth would flatten them if left to itself)."""
     import tempfile
@@ -131,7 +131,7 @@ def packing_check() -> dict[str, Any]:
             "unsloth_lengths": unsloth_lengths,
             "batch_keys": sorted(batch),
             "row_shape": list(batch["input_ids"].shape),
-            "args_packing": bool(trainer.args.packing),
+            "args_padding_free": bool(trainer.args.padding_free),
             "flash_varlen": unsloth_backend.attention_dispatch._TORCH_VARLEN_ATTN is not None,
             "packed_vs_alone": error(packed),
             "leaked_vs_alone": error(leaked),
@@ -151,7 +151,7 @@ def test_packed_examples_do_not_attend_to_each_other() -> None:
     report("packing_check", found)
     print(json.dumps(found))  # kept in the log: the figures behind the assertions below
     packed, unpacked = found["packed"], found["unpacked"]
-    assert packed["args_packing"] and packed["row_shape"][0] == 1 and len(packed["lengths"]) >= 3, found
+    assert packed["args_padding_free"] and packed["row_shape"][0] == 1 and len(packed["lengths"]) >= 3, found
     assert packed["unsloth_lengths"] in (None, packed["lengths"]), found  # Unsloth's boundaries = the examples
     assert packed["packed_vs_alone"] < 0.03  # bf16 and 4-bit noise only: each example saw only itself
     # and the check can see a leak: the same row without boundaries differs many times more
