@@ -74,7 +74,11 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: list[str] = Field(default_factory=lambda: list(NOTEBOOK_TARGET_MODULES), min_length=1)
-    gradient_checkpointing: Literal["unsloth", "true", "false"] = "unsloth"
+    gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
+        "auto",
+        description="auto = Unsloth's offloaded checkpointing (PEFT's on transformers), off for a run whose largest "
+        "micro-batch's activations fit in a quarter of the free GPU memory (Unsloth backend)",
+    )
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -18,3 +18,4 @@ class LiveModel:
     dtype: Any  # torch.dtype
     model_path: str  # what from_pretrained loaded
     attn_implementation: str | None = None
+    gradient_checkpointing: str = "auto"  # lora.gradient_checkpointing, once attach-LoRA has run

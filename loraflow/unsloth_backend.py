@@ -95,7 +95,8 @@ def load(model_path: str, cfg: ModelConfig, dtype: Any) -> tuple[Any, Any]:
 
 
 def attach_lora(model: Any, lora: LoraSettings, max_seq_length: int, seed: int) -> Any:
-    checkpointing: Any = {"unsloth": "unsloth", "true": True, "false": False}[lora.gradient_checkpointing]
+    # auto starts as "unsloth"; train turns it off for a run whose activations fit (set_gradient_checkpointing)
+    checkpointing: Any = {"auto": "unsloth", "unsloth": "unsloth", "true": True, "false": False}[lora.gradient_checkpointing]
     return FastLanguageModel.get_peft_model(
         model,
         r=lora.r,
@@ -107,6 +108,12 @@ def attach_lora(model: Any, lora: LoraSettings, max_seq_length: int, seed: int) 
         random_state=seed,
         max_seq_length=max_seq_length,
     )
+
+
+def set_gradient_checkpointing(model: Any, mode: Any) -> None:
+    """Checkpointing for the next train(): Unsloth's trainer re-applies, at the start of every train(), the mode
+    get_peft_model recorded on the model (`_unsloth_gradient_checkpointing`), so that record is what to change."""
+    model._unsloth_gradient_checkpointing = mode
 
 
 def for_inference(model: Any) -> None:

@@ -25,7 +25,8 @@ def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: 
         "attach-LoRA: r=%d alpha=%d on %s; trainable %.3fM of %.1fM parameters (%.3f%%)",
         lora.r, lora.alpha, ",".join(lora.target_modules), trainable / 1e6, total / 1e6, 100 * trainable / total,
     )
-    return LiveModel(model, live.tokenizer, live.backend, live.device, live.dtype, live.model_path, live.attn_implementation)
+    return LiveModel(model, live.tokenizer, live.backend, live.device, live.dtype, live.model_path,
+                     live.attn_implementation, lora.gradient_checkpointing)
 
 
 def attach_with_peft(live: LiveModel, lora: LoraSettings, seed: int):
@@ -33,7 +34,7 @@ def attach_with_peft(live: LiveModel, lora: LoraSettings, seed: int):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     torch.manual_seed(seed)  # LoRA's A matrices are random: same seed, same start
-    checkpointing = lora.gradient_checkpointing != "false"  # "unsloth" means plain checkpointing here
+    checkpointing = lora.gradient_checkpointing != "false"  # "unsloth" and "auto" mean plain checkpointing here
     if getattr(live.model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(live.model, use_gradient_checkpointing=checkpointing)
     else:

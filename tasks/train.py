@@ -12,7 +12,14 @@ from typing import Any
 
 from prefect import task
 
-from loraflow.builders import BatchLayout, batch_layout, build_sft_config, packing_enabled
+from loraflow.builders import (
+    BatchLayout,
+    activation_bytes,
+    batch_layout,
+    build_sft_config,
+    keep_gradient_checkpointing,
+    packing_enabled,
+)
 from loraflow.config import ModelConfig, TrainSettings
 from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.live_model import LiveModel
@@ -155,6 +162,8 @@ def build_trainer(
     layout = batch_layout(train, model, lengths, packing)
     args = build_sft_config(train, model, live.backend, live.dtype, work_dir / "checkpoints", packing, layout)
     log_plan(train, lengths, layout, packing)
+    if live.backend == "unsloth" and live.gradient_checkpointing == "auto":
+        choose_gradient_checkpointing(live, layout.batch_size * min(max(lengths), layout.row_tokens))
     if train.completion_only_loss:  # TRL masks the prompt tokens out of the loss for prompt/completion rows
         rows = {"prompt": prompts.train_prompts, "completion": prompts.train_completions}
     else:  # the notebook's way: loss on every token of the text
@@ -166,6 +175,22 @@ def build_trainer(
     if clock:
         clock.count_tokens(trainer.data_collator)
     return trainer
+
+
+def choose_gradient_checkpointing(live: LiveModel, micro_batch_tokens: int) -> None:
+    """lora.gradient_checkpointing auto on Unsloth: off for this run when its activations fit (see builders)."""
+    import torch
+
+    from loraflow import unsloth_backend
+
+    free_bytes, _ = torch.cuda.mem_get_info()
+    keep = keep_gradient_checkpointing(live.model.config, micro_batch_tokens, free_bytes)
+    unsloth_backend.set_gradient_checkpointing(live.model, "unsloth" if keep else False)
+    run_logger().info(
+        "train: gradient checkpointing %s: activations of a %d-token micro-batch ≈ %.1f GiB, %.1f GiB of GPU memory free",
+        "on (Unsloth's)" if keep else "off", micro_batch_tokens,
+        activation_bytes(live.model.config, micro_batch_tokens) / 2**30, free_bytes / 2**30,
+    )
 
 
 def train_adapter(

@@ -33,7 +33,7 @@ def test_notebook_config_is_the_notebook_job_exactly() -> None:
     assert (cfg.model.max_seq_length, cfg.model.load_in_4bit, cfg.model.dtype) == (2048, True, "auto")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (16, 16, 0.0, "none")
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert cfg.lora.gradient_checkpointing == "unsloth"
+    assert cfg.lora.gradient_checkpointing == "auto"
     t = cfg.train
     assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (4, 4, 5, 60)
     assert (t.learning_rate, t.save_steps, t.save_total_limit) == (2e-4, 10000, 2)

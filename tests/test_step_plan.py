@@ -1,8 +1,11 @@
-"""How an optimizer step's examples become micro-batches (loraflow.builders.batch_layout)."""
+"""How an optimizer step is laid out (loraflow.builders.batch_layout) and whether it keeps gradient
+checkpointing (keep_gradient_checkpointing, lora.gradient_checkpointing auto)."""
 
 from __future__ import annotations
 
-from loraflow.builders import batch_layout
+from types import SimpleNamespace
+
+from loraflow.builders import activation_bytes, batch_layout, keep_gradient_checkpointing
 from loraflow.config import ModelConfig, TrainSettings
 
 NOTEBOOK = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, max_steps=60)
@@ -36,3 +39,25 @@ def test_examples_per_step_never_change() -> None:
     for lengths in ([10], [700], [2048], [1500, 20]):
         layout = batch_layout(odd, MODEL, lengths, packing=True)
         assert layout.batch_size * layout.accumulation == 15
+
+
+LLAMA3_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32)
+GiB = 2**30
+
+
+def test_activation_estimate_is_the_documented_arithmetic() -> None:
+    # 2 bytes × (8 × 4,096 + 4 × 14,336) = 180,224 bytes per token and layer, × 32 layers
+    assert activation_bytes(LLAMA3_8B, 1) == 180_224 * 32
+    assert activation_bytes(LLAMA3_8B, 2416) / GiB > 6.2  # above what the H200 measured (+6.2 GiB peak)
+
+
+def test_short_rows_on_a_large_gpu_drop_checkpointing() -> None:
+    # the notebook's packed step (≤2,416 tokens, ~13 GiB estimated) with an H200's ~133 GiB free
+    assert not keep_gradient_checkpointing(LLAMA3_8B, 2416, 133 * GiB)
+
+
+def test_long_batches_or_small_gpus_keep_checkpointing() -> None:
+    # 4 × 2,048 tokens: ~44 GiB estimated, more than a quarter of 133 GiB: keep (the 8.5 GiB-peak benchmark)
+    assert keep_gradient_checkpointing(LLAMA3_8B, 4 * 2048, 133 * GiB)
+    # a 24 GB card with the 8B weights loaded (~17 GiB free): even the short rows keep it
+    assert keep_gradient_checkpointing(LLAMA3_8B, 2416, 17 * GiB)
