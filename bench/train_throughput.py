@@ -392,8 +392,7 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, 
     }
     config_file = work / "cli.yaml"
     config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
-    milestones = {"Beginning flow run": "flow_started_s", "Task run 'load-4bit-model": "load_started_s",
-                  "load-4bit-model:": "loaded_s", "attach-LoRA:": "attached_s", "train: step 1 done": "first_step_s",
+    milestones = {"Beginning flow run": "flow_started_s", "load-4bit-model:": "loaded_s", "attach-LoRA:": "attached_s", "train: step 1 done": "first_step_s",
                   f"train: {steps} steps": "trained_s"}
     seen: dict[str, float] = {}
     started = time.perf_counter()
