@@ -60,10 +60,10 @@ def preflight(cfg: Any) -> None:
     from loraflow.builders import choose_backend
     from loraflow.store import open_store
     from tasks.fetch_dataset import fetch_dataset
+    from tasks.format_prompts import check_template_fits
 
-    fetch_dataset(cfg.data.uri)
-    if cfg.data.eval_uri:
-        fetch_dataset(cfg.data.eval_uri)
+    datasets = [fetch_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
+    check_template_fits(cfg.prompt.template, datasets)
     open_store(cfg.output.store).check()
     choose_backend(cfg.model.backend)
 

@@ -1,4 +1,11 @@
-"""Prompt templates: how a record {instruction, input, output} becomes one training text."""
+"""Prompt templates: how a record becomes one training text.
+
+An instruction record {instruction, input, output} goes through the configured template (alpaca,
+alpaca_zh, chat or a custom string). A conversation {messages: [...]} always goes through the tokenizer's
+chat template (prompt.template must be `chat`): the prompt is every turn before the last assistant turn
+plus the generation prompt, the completion is that last answer and its end-of-turn. Earlier assistant turns
+are context, like the user turns: with train.completion_only_loss only the last answer is learnt.
+"""
 
 from __future__ import annotations
 
@@ -30,11 +37,13 @@ ALPACA_ZH = """以下是描述任务的指令，搭配的输入提供了进一�
 NAMED_TEMPLATES = {"alpaca": ALPACA, "alpaca_zh": ALPACA_ZH}
 
 
-def render(template: str, row: dict[str, str], tokenizer: Any, with_output: bool = True) -> str:
+def render(template: str, row: dict[str, Any], tokenizer: Any, with_output: bool = True) -> str:
     """The text for one row; with_output=False gives the prompt that generation continues from.
 
     Training texts end with the tokenizer's EOS token: without it the model never learns to stop.
     """
+    if "messages" in row:
+        return render_conversation(row["messages"], tokenizer, with_output)
     if template == "chat":
         return render_chat(row, tokenizer, with_output)
     pattern = NAMED_TEMPLATES.get(template, template)
@@ -51,6 +60,26 @@ def render_chat(row: dict[str, str], tokenizer: Any, with_output: bool) -> str:
     if not with_output:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     messages.append({"role": "assistant", "content": row["output"]})
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    # Chat templates usually close the assistant turn with EOS already; add it only where they do not.
-    return text if text.rstrip().endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+    return close_with_eos(tokenizer.apply_chat_template(messages, tokenize=False), tokenizer.eos_token)
+
+
+def render_conversation(messages: list[dict[str, str]], tokenizer: Any, with_output: bool) -> str:
+    """A validated conversation (ends with the assistant's turn) through the tokenizer's chat template."""
+    if not with_output:
+        return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return close_with_eos(tokenizer.apply_chat_template(messages, tokenize=False), tokenizer.eos_token)
+
+
+def close_with_eos(text: str, eos_token: str) -> str:
+    """End the text at the EOS that closes the last turn, adding it where the template does not.
+
+    ChatML writes "<|im_end|>\n" after each turn: the newline would be one more trained token after EOS
+    (and TRL appends another EOS to a completion that does not end with one).
+    """
+    text = text.rstrip()
+    return text if text.endswith(eos_token) else text + eos_token
+
+
+def answer_of(row: dict[str, Any]) -> str:
+    """The expected answer of a row: its output, or the conversation's last (assistant) turn."""
+    return row["messages"][-1]["content"] if "messages" in row else row["output"]

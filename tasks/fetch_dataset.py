@@ -1,7 +1,14 @@
-"""fetch-dataset: read instruction records from a file, S3, HTTP or the Hub, and validate every row.
+"""fetch-dataset: read training records from a file, S3, HTTP or the Hub, and validate every row.
+
+Three record shapes, told apart by the first record and then required of every row:
+- instruction: {instruction, input, output} (the notebook's; `input` optional)
+- chat: {messages: [{role, content}, ...]} with roles system (first only), user, assistant
+- ShareGPT: {conversations: [{from, value}, ...]} with from system, human, gpt
+Chat turns alternate user/assistant after an optional system turn and end with the assistant's.
 
 A bad dataset fails here, before any model is loaded, with one message naming the file, the row and the
-field. The rows that come out are plain dicts {instruction, input, output} of non-blank strings.
+field. The rows that come out are plain dicts {instruction, input, output} of strings, or, for both chat
+shapes, {messages: [{role, content}, ...]} with roles system/user/assistant.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from loraflow.retries import retry_transient
 
 REQUIRED_FIELDS = ("instruction", "output")
 OPTIONAL_FIELDS = ("input",)
+CHAT_FIELDS = ("messages", "conversations")  # a column of either makes a Parquet file a chat dataset
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -32,8 +40,13 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 @dataclass(frozen=True)
 class Dataset:
     uri: str
-    rows: list[dict[str, str]]
+    rows: list[dict[str, Any]]
     sha256: str  # of the bytes read (for a Hub dataset: of its rows as canonical JSON lines)
+
+    @property
+    def is_chat(self) -> bool:
+        """Rows are conversations {messages: [...]} rather than instruction records."""
+        return bool(self.rows) and "messages" in self.rows[0]
 
 
 def fetch_dataset(uri: str) -> Dataset:
@@ -163,7 +176,7 @@ def parse_parquet(raw: bytes, name: str) -> list[tuple[str, Any]]:
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DatasetError(f"{name}: not a readable Parquet file ({exc})") from None
     missing = [field for field in REQUIRED_FIELDS if field not in table.column_names]
-    if missing:
+    if missing and not any(field in table.column_names for field in CHAT_FIELDS):
         raise DatasetError(f"{name}: Parquet file has no column {', '.join(repr(m) for m in missing)}")
     return [(f"row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
 
@@ -176,10 +189,22 @@ def json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def validate_rows(records: list[tuple[str, Any]], name: str) -> list[dict[str, str]]:
+def validate_rows(records: list[tuple[str, Any]], name: str) -> list[dict[str, Any]]:
     if not records:
         raise DatasetError(f"{name}: the dataset has no rows")
+    shape = record_shape(records[0][1])
+    if shape in TURN_KEYS:
+        return [validate_chat_row(record, f"{name}: {where}", shape) for where, record in records]
     return [validate_row(record, f"{name}: {where}") for where, record in records]
+
+
+def record_shape(record: Any) -> str:
+    """'messages', 'conversations' (ShareGPT) or 'instruction': the first record decides for the whole file."""
+    if isinstance(record, dict):
+        for field in CHAT_FIELDS:
+            if field in record:
+                return field
+    return "instruction"
 
 
 def validate_row(record: Any, where: str) -> dict[str, str]:
@@ -199,6 +224,73 @@ def validate_row(record: Any, where: str) -> dict[str, str]:
             raise DatasetError(f"{where}: field '{field}' is blank")
         row[field] = value
     return row
+
+
+# Per chat shape: the keys of a turn, and each accepted speaker name -> the role it means.
+TURN_KEYS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+SPEAKERS = {
+    "messages": {"system": "system", "user": "user", "assistant": "assistant"},
+    "conversations": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"},
+}
+
+
+def speaker_name(shape: str, role: str) -> str:
+    """How `shape` spells a role, for error messages: 'gpt' in ShareGPT, 'assistant' in messages."""
+    return next(name for name, meant in SPEAKERS[shape].items() if meant == role)
+
+
+def validate_chat_row(record: Any, where: str, shape: str) -> dict[str, list[dict[str, str]]]:
+    """One conversation -> {messages: [{role, content}]}; every turn checked, then the order of the turns."""
+    role_key, text_key = TURN_KEYS[shape]
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected an object with '{shape}' (a chat record); got a {json_type(record)}")
+    if shape not in record:
+        raise DatasetError(f"{where}: field '{shape}' is missing (the first row is a chat record, so every row must be)")
+    turns = record[shape]
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}: field '{shape}' must be a non-empty array of {{{role_key}, {text_key}}} "
+                           f"objects, got {'an empty array' if turns == [] else json_type(turns)}")
+    messages = []
+    for index, turn in enumerate(turns):
+        field = f"{shape}[{index}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}: field '{field}' must be an object with '{role_key}' and '{text_key}', "
+                               f"got {json_type(turn)}")
+        for key in (role_key, text_key):
+            if key not in turn:
+                raise DatasetError(f"{where}: field '{field}.{key}' is missing")
+        speaker, content = turn[role_key], turn[text_key]
+        if speaker not in SPEAKERS[shape]:
+            raise DatasetError(f"{where}: field '{field}.{role_key}' is {speaker!r}; expected one of "
+                               f"{', '.join(repr(name) for name in SPEAKERS[shape])}")
+        if not isinstance(content, str):
+            raise DatasetError(f"{where}: field '{field}.{text_key}' must be a string, got {json_type(content)}")
+        if not content.strip():
+            raise DatasetError(f"{where}: field '{field}.{text_key}' is blank")
+        messages.append({"role": SPEAKERS[shape][speaker], "content": content})
+    check_turn_order(messages, where, shape)
+    return {"messages": messages}
+
+
+def check_turn_order(messages: list[dict[str, str]], where: str, shape: str) -> None:
+    """An optional system turn first, then user and assistant alternating, ending with the assistant."""
+    role_key = TURN_KEYS[shape][0]
+    first = 1 if messages[0]["role"] == "system" else 0
+    for index, message in enumerate(messages[first:], start=first):
+        expected = "user" if (index - first) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DatasetError(
+                f"{where}: field '{shape}[{index}].{role_key}' is {speaker_name(shape, message['role'])!r}; expected "
+                f"{speaker_name(shape, expected)!r} (an optional system turn first, then "
+                f"{speaker_name(shape, 'user')} and {speaker_name(shape, 'assistant')} alternate)"
+            )
+    if messages[-1]["role"] != "assistant":
+        last = len(messages) - 1
+        raise DatasetError(
+            f"{where}: field '{shape}[{last}].{role_key}': the last turn must be from "
+            f"{speaker_name(shape, 'assistant')!r} (its answer is what the model learns), not "
+            f"{speaker_name(shape, messages[-1]['role'])!r}"
+        )
 
 
 def fetch_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:

@@ -1,4 +1,9 @@
-"""format-prompts: render every row with the template (EOS appended) and split off a seeded eval set."""
+"""format-prompts: render every row with the template (EOS appended) and split off a seeded eval set.
+
+Every row becomes a prompt (where generation starts) and a completion (the answer and EOS). With
+train.completion_only_loss the loss is on the completions only: for a conversation, its last assistant
+turn (see loraflow/templates.py).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ from typing import Any
 from prefect import task
 
 from loraflow.config import DataConfig, InferSettings, PromptConfig
+from loraflow.errors import ConfigError
 from loraflow.fingerprint import stable_hash
 from loraflow.logs import run_logger
 from loraflow.models import resolve_model
-from loraflow.templates import render
+from loraflow.templates import answer_of, render
 from tasks.fetch_dataset import Dataset
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label set
@@ -21,9 +27,9 @@ MAX_LABELS = 20  # more distinct answers than this is free text, not a label set
 @dataclass(frozen=True)
 class EvalExample:
     prompt: str  # the template up to the response, where generation starts
-    answer: str | None  # the expected output (None for infer.prompts)
-    instruction: str
-    input: str
+    answer: str | None  # the expected output (None for infer.prompts); a conversation's last assistant turn
+    instruction: str  # "" for a conversation
+    input: str  # a conversation's last user turn
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class Prompts:
         return [p + c for p, c in zip(self.train_prompts, self.train_completions)]
 
 
-def split_rows(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
+def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     """Seeded shuffle, then the first round(n × fraction) rows (at least 1 when fraction > 0) are held out."""
     shuffled = list(rows)
     random.Random(seed).shuffle(shuffled)
@@ -49,13 +55,43 @@ def split_rows(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[
     return shuffled[held_out:], shuffled[:held_out]
 
 
-def closed_label_set(train_rows: list[dict[str, str]], eval_rows: list[dict[str, str]]) -> list[str] | None:
-    labels = {row["output"].strip() for row in train_rows}
+def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[str] | None:
+    labels = {answer_of(row).strip() for row in train_rows}
     if not eval_rows or len(labels) > MAX_LABELS or len(labels) * 2 > len(train_rows):
         return None
-    if any(row["output"].strip() not in labels for row in eval_rows):
+    if any(answer_of(row).strip() not in labels for row in eval_rows):
         return None
     return sorted(labels)
+
+
+def check_template_fits(template: str, datasets: list[Dataset]) -> None:
+    """Conversations render only through the tokenizer's chat template: a configured one must say so."""
+    chat = [dataset.uri for dataset in datasets if dataset.is_chat]
+    if chat and template != "chat":
+        shown = template if template in ("alpaca", "alpaca_zh") else "a custom template"
+        raise ConfigError(
+            f"prompt.template: {chat[0]} holds chat records (messages), which render with the model's chat "
+            f"template, but prompt.template is {shown}; set prompt.template: chat"
+        )
+
+
+def split_text(template: str, row: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """(prompt, completion) of one row: the whole text must begin with the prompt that generation starts from."""
+    prompt = render(template, row, tokenizer, with_output=False)
+    text = render(template, row, tokenizer)
+    if not text.startswith(prompt):  # a chat template that renders a turn differently once it is answered
+        raise ConfigError(
+            "prompt.template: the rendered training text does not begin with the rendered prompt, so the answer "
+            f"cannot be split off (prompt ends {prompt[-60:]!r}, text there reads {text[max(0, len(prompt) - 60) : len(prompt)]!r})"
+        )
+    return prompt, text[len(prompt) :]
+
+
+def example_of(template: str, row: dict[str, Any], tokenizer: Any, answer: str | None) -> EvalExample:
+    prompt = render(template, row, tokenizer, with_output=False)
+    if "messages" in row:
+        return EvalExample(prompt, answer, "", row["messages"][-2]["content"])
+    return EvalExample(prompt, answer, row["instruction"], row.get("input", ""))
 
 
 def load_tokenizer(model_name: str, revision: str | None) -> Any:
@@ -73,20 +109,20 @@ def format_prompts(
     tokenizer: Any,
 ) -> Prompts:
     """Rows -> training texts, eval prompts with expected answers, and the smoke-test prompts."""
+    check_template_fits(prompt.template, [train] + ([eval_dataset] if eval_dataset else []))
     if eval_dataset is not None:
         train_rows, eval_rows = train.rows, eval_dataset.rows
     else:
         train_rows, eval_rows = split_rows(train.rows, data.eval_fraction, data.seed)
-    def example(row: dict[str, str], answer: str | None) -> EvalExample:
-        text = render(prompt.template, row, tokenizer, with_output=False)
-        return EvalExample(text, answer, row["instruction"], row.get("input", ""))
-
-    texts = [(example(row, None).prompt, render(prompt.template, row, tokenizer)) for row in train_rows]
+    texts = [split_text(prompt.template, row, tokenizer) for row in train_rows]
     prompts = Prompts(
         train_prompts=[head for head, _ in texts],
-        train_completions=[text[len(head) :] for head, text in texts],
-        eval_examples=[example(row, row["output"].strip()) for row in eval_rows],
-        infer_prompts=[example({"instruction": p.instruction, "input": p.input}, None) for p in infer.prompts],
+        train_completions=[tail for _, tail in texts],
+        eval_examples=[example_of(prompt.template, row, tokenizer, answer_of(row).strip()) for row in eval_rows],
+        infer_prompts=[
+            example_of(prompt.template, {"instruction": p.instruction, "input": p.input}, tokenizer, None)
+            for p in infer.prompts
+        ],
         labels=closed_label_set(train_rows, eval_rows),
         eos_token=tokenizer.eos_token,
     )

@@ -11,6 +11,17 @@ import pytest
 from tests.conftest import TINY_CONFIG, run_cli
 
 GOOD = {"instruction": "分类以下文本的情感。", "input": "好", "output": "积极"}
+CHAT = {"messages": [{"role": "user", "content": "分类：好"}, {"role": "assistant", "content": "积极"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "分类：好"}, {"from": "gpt", "value": "积极"}]}
+
+
+def jsonl(*records: object) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def turns(*pairs: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+
 
 CASES = {
     # name: (file name, bytes, words the error must contain)
@@ -27,6 +38,21 @@ CASES = {
     "row-not-object": ("d.json", json.dumps([GOOD, "just a string"]).encode(), ["row 2", "expected an object", "string"]),
     "unsupported-type": ("d.txt", b"hello", ["d.txt", "unsupported file type"]),
     "no-such-file": ("absent.json", None, ["absent.json", "no such file"]),
+    # chat records: messages (role/content) and ShareGPT conversations (from/value)
+    "chat-turns-out-of-order": ("d.jsonl", jsonl(CHAT, turns(("user", "a"), ("user", "b"), ("assistant", "c"))),
+                                ["d.jsonl", "line 2", "'messages[1].role'", "expected 'assistant'"]),
+    "chat-ends-with-user": ("d.jsonl", jsonl(turns(("user", "a"), ("assistant", "b"), ("user", "c"))),
+                            ["line 1", "'messages[2].role'", "last turn must be from 'assistant'"]),
+    "chat-blank-content": ("d.json", json.dumps([CHAT, turns(("system", "s"), ("user", " "), ("assistant", "b"))]).encode(),
+                           ["row 2", "'messages[1].content'", "blank"]),
+    "chat-content-not-string": ("d.jsonl", jsonl(turns(("user", "a"), ("assistant", ["b"]))),  # type: ignore[arg-type]
+                                ["line 1", "'messages[1].content'", "must be a string", "array"]),
+    "sharegpt-unknown-speaker": ("d.json", json.dumps([SHAREGPT, {"conversations": [{"from": "bot", "value": "a"}]}]).encode(),
+                                 ["row 2", "'conversations[0].from'", "'bot'", "'human'"]),
+    "sharegpt-missing-value": ("d.jsonl", jsonl({"conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]}),
+                               ["line 1", "'conversations[0].value'", "missing"]),
+    "chat-then-instruction-row": ("d.jsonl", jsonl(CHAT, GOOD), ["line 2", "'messages'", "missing"]),
+    "chat-with-instruction-template": ("d.jsonl", jsonl(CHAT), ["d.jsonl", "prompt.template", "chat records"]),
 }
 
 
