@@ -1,6 +1,8 @@
 """The fine-tuning flow: the Unsloth notebook's cells as eight Prefect tasks, in the notebook's order.
 
     fetch-dataset -> format-prompts -> load-4bit-model -> attach-LoRA -> train -> smoke-infer -> save-local -> push-hub
+
+With output.save_merged, merge-model runs between save-local and push-hub (the notebook's merged_16bit save).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tasks.attach_lora import attach_lora_task
 from tasks.fetch_dataset import fetch_dataset_task
 from tasks.format_prompts import format_prompts_task
 from tasks.load_model import load_model_task
+from tasks.merge_model import merge_model_task
 from tasks.push_hub import push_hub_task
 from tasks.save_local import save_local_task, write_summary
 from tasks.smoke_infer import smoke_infer_task
@@ -109,11 +112,14 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "smoke_answers": [{"input": a.input, "answer": a.answer, "expected": a.expected} for a in inferred.answers],
         "adapter_uri": trained.adapter_uri,
         "adapter_dir": None,
+        "merged_dir": None,
         "cached_tasks": cached,
         "hub_url": None,
         "duration_seconds": None,
     }
     output_dir = save_local_task(cfg.output.store, key, cfg.output.dir, summary, render_model_card(cfg, summary))
+    if cfg.output.save_merged:
+        summary["merged_dir"] = merge_model_task(cfg.model, cfg.output.store, key, output_dir)
     hub_url = push_hub_task(output_dir, cfg.hub)
 
     summary.update(adapter_dir=output_dir, hub_url=hub_url, duration_seconds=round(time.time() - started, 2))

@@ -101,7 +101,11 @@ class TrainSettings(Section):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(10000, gt=0)
     save_total_limit: int = Field(2, gt=0)
-    completion_only_loss: bool = Field(False, description="Loss on the responses only (the notebook trains on the whole text).")
+    completion_only_loss: bool = Field(
+        False,
+        description="Loss on the responses only: an instruction row's output, a conversation's last assistant turn "
+        "(earlier turns, answers included, are context). Off: every token of the text, as the notebook trains.",
+    )
     packing: Literal["auto", "true", "false"] = Field(
         "auto", description="Padding-free packing of short examples; auto = on where the backend supports it."
     )
@@ -129,9 +133,30 @@ class InferSettings(Section):
     max_eval_examples: int = Field(64, ge=0, description="How many eval rows smoke-infer generates for.")
 
 
+GGUF_UNAVAILABLE = (
+    "no GGUF converter runs offline here. Converting needs llama.cpp's convert_hf_to_gguf.py "
+    "(the `gguf` package only writes files; llama-cpp-python builds llama.cpp from source). Set "
+    "output.save_merged: true and convert <output.dir>/merged with llama.cpp: "
+    "python convert_hf_to_gguf.py <output.dir>/merged --outtype f16"
+)
+
+
 class OutputSettings(Section):
     dir: str = Field("outputs/run", description="Where the adapter, tokenizer and summary.json are written.")
     store: str = Field(".loraflow/store", description="Artifact and result store: a local folder or s3://bucket/prefix.")
+    save_merged: bool = Field(
+        False,
+        description="Also save the base model with the adapter merged in, 16-bit safetensors, to <dir>/merged "
+        "(and the store): loads with AutoModelForCausalLM.from_pretrained, no PEFT needed.",
+    )
+    save_gguf: bool = Field(False, description="GGUF export: not available offline; see the error it gives.")
+
+    @field_validator("save_gguf")
+    @classmethod
+    def _gguf_needs_a_converter(cls, save_gguf: bool) -> bool:
+        if save_gguf:
+            raise ValueError(GGUF_UNAVAILABLE)
+        return save_gguf
 
 
 class HubSettings(Section):

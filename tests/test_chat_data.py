@@ -106,3 +106,23 @@ def test_chat_records_need_the_chat_template(tmp_path: Path, tokenizer: Any) -> 
     cfg = load_config(TINY_CONFIG)  # a custom instruction template
     with pytest.raises(ConfigError, match=r"prompt\.template.*chat records.*set prompt\.template: chat"):
         format_prompts(fetch_dataset(str(CHAT_DEMO)), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
+
+
+def test_flow_trains_on_a_chat_dataset_and_saves_the_merged_model(tmp_path: Path) -> None:
+    """`loraflow run` on the shipped chat demo with the tiny model, responses-only loss, output.save_merged."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    result = run_cli(
+        "run", "--config", str(TINY_CONFIG), "--dataset", str(CHAT_DEMO), "--output", str(out),
+        "--set", "prompt.template=chat", "--set", "output.save_merged=true", "--set", f"output.store={tmp_path / 'store'}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_train_examples"] + summary["num_eval_examples"] == 90
+    assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
+    assert summary["labels"] == ["中性", "消极", "积极"] and summary["eval_accuracy"] is not None
+    assert {a["answer"] for a in summary["smoke_answers"]} <= {"中性", "消极", "积极"}
+    assert summary["merged_dir"] == str(out / "merged")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "merged").iterdir()}
+    assert "Task run 'merge-model-" in result.stdout + result.stderr
