@@ -134,9 +134,9 @@ class InferSettings(Section):
 
 
 GGUF_UNAVAILABLE = (
-    "no GGUF converter runs offline here. Converting needs llama.cpp's convert_hf_to_gguf.py "
-    "(the `gguf` package only writes files; llama-cpp-python builds llama.cpp from source). Set "
-    "output.save_merged: true and convert <output.dir>/merged with llama.cpp: "
+    "loraflow has no GGUF converter that runs offline: llama.cpp's convert_hf_to_gguf.py is not part of the "
+    "`gguf` package (that only reads and writes the file format) and llama-cpp-python compiles llama.cpp from "
+    "source. Set output.save_merged: true and convert <output.dir>/merged with llama.cpp: "
     "python convert_hf_to_gguf.py <output.dir>/merged --outtype f16"
 )
 
