@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,11 @@ def split_rows(rows: list[dict[str, str]], fraction: float, seed: int) -> tuple[
 
 
 def closed_label_set(train_rows: list[dict[str, str]], eval_rows: list[dict[str, str]]) -> list[str] | None:
-    labels = {row["output"].strip() for row in train_rows}
-    if not eval_rows or len(labels) > MAX_LABELS or len(labels) * 2 > len(train_rows):
+    """The labels, when the training outputs take at most MAX_LABELS distinct values, each at least twice,
+    and every eval output is one of them; else None (free text: no accuracy)."""
+    counts = Counter(row["output"].strip() for row in train_rows)
+    labels = set(counts)
+    if not eval_rows or len(labels) > MAX_LABELS or min(counts.values(), default=0) < 2:
         return None
     if any(row["output"].strip() not in labels for row in eval_rows):
         return None
