@@ -11,6 +11,7 @@ import torch
 from loraflow.config import HubSettings, load_config
 from loraflow.errors import ConfigError, QualityGateError
 from loraflow.quality import check_gate_measurable, check_quality_gate, gate_failures, score_answers
+from tasks.format_prompts import closed_label_set
 from tasks.push_hub import push_hub
 from tests.conftest import TINY_CONFIG, run_cli
 from tests.hub_standin import HubStandIn
@@ -37,6 +38,13 @@ def test_gate_needs_eval_examples_to_score() -> None:
         load_config(TINY_CONFIG, [{"hub": {"require_beat_base": True}, "data": {"eval_fraction": 0.0}}])
     with pytest.raises(ConfigError, match="infer.max_eval_examples > 0"):
         load_config(TINY_CONFIG, [{"hub": {"min_eval_accuracy": 0.5}, "infer": {"max_eval_examples": 0}}])
+
+
+def test_closed_label_set_needs_every_label_at_least_twice() -> None:
+    rows = [{"output": label} for label in ["积极", "消极", "中性"] * 2]
+    assert closed_label_set(rows, rows[:2]) == ["中性", "消极", "积极"]
+    assert closed_label_set(rows + [{"output": "很难说"}], rows[:2]) is None  # one label seen once: not a label set
+    assert closed_label_set(rows, [{"output": "很难说"}]) is None  # an eval output outside the set
 
 
 def test_gate_on_free_text_outputs_is_an_input_error() -> None:
