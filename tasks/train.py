@@ -156,6 +156,7 @@ def build_trainer(
     clock: StepClock | None = None,
 ) -> Any:
     from datasets import Dataset as HFDataset
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     packing = packing_enabled(train, live.backend, live.attn_implementation)
@@ -175,6 +176,7 @@ def build_trainer(
         model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer,
         callbacks=[clock.callback(), progress] if clock else [progress],
     )
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
         clock.count_tokens(trainer.data_collator)
     return trainer

@@ -91,6 +91,7 @@ def test_terminal_shows_a_progress_bar_with_loss_and_tokens_per_second(run: dict
     stderr = run["result"].stderr
     assert "train: 100%" in stderr and "120/120" in stderr
     assert re.search(r"120/120 \[.*loss=\d+\.\d{4}, tok/s=\d+\]", stderr)
+    assert "{'loss'" not in run["result"].stdout + stderr  # the bar replaces transformers' dict per step
 
 
 def test_accuracy_and_per_label_scores_follow_from_the_answers(run: dict) -> None:
