@@ -19,6 +19,8 @@ from loraflow.builders import choose_backend
 from loraflow.cache_keys import adapter_key, train_key
 from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
+from loraflow.quality import check_gate_measurable, gate_failures
+from loraflow.report import LOSS_CURVE_FILE, link_to, loss_curve_png, publish_run_artifacts
 from loraflow.results import result_storage_for
 from loraflow.store import open_store
 from tasks.attach_lora import attach_lora_task
@@ -72,6 +74,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         format_prompts_task.with_options(result_storage=storage), cached,
         train_data, eval_data, cfg.prompt, cfg.data, cfg.infer, cfg.model.name, cfg.model.revision,
     )
+    check_gate_measurable(cfg.hub, prompts.labels)  # a gate on accuracy needs labels: say so before any model loads
 
     # The adapter's key says everything it depends on. Already published: load no model, train nothing.
     key = adapter_key(train_key(cfg, train_data.sha256, eval_data.sha256 if eval_data else None, backend))
@@ -91,7 +94,12 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         model, prompts, cfg.infer, cfg.model, cfg.output.store, key,
     )
 
+    run_id = flow_run.get_id() or "local"
+    loss_curve = loss_curve_png(trained.losses, f"{cfg.model.name}: training loss")
+    loss_curve_uri = open_store(cfg.output.store).put_bytes(loss_curve, f"summaries/{run_id}/{LOSS_CURVE_FILE}")
+    base_answers = inferred.base_answers + [None] * (len(inferred.answers) - len(inferred.base_answers))
     summary: dict[str, Any] = {
+        "flow_run_id": run_id,
         "backend": backend,
         "model": cfg.model.name,
         "dataset_uri": cfg.data.uri,
@@ -108,8 +116,20 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "packing": trained.packing,
         "peak_memory_bytes": trained.peak_memory_bytes,
         "eval_accuracy": inferred.accuracy,
+        "base_eval_accuracy": inferred.base_accuracy,
+        "eval_per_label": inferred.scores.as_dict() if inferred.scores else None,
+        "base_eval_per_label": inferred.base_scores.as_dict() if inferred.base_scores else None,
+        "quality_gate": {
+            "min_eval_accuracy": cfg.hub.min_eval_accuracy,
+            "require_beat_base": cfg.hub.require_beat_base,
+            "failures": gate_failures(cfg.hub, inferred.accuracy, inferred.base_accuracy),
+        },
         "labels": prompts.labels,
-        "smoke_answers": [{"input": a.input, "answer": a.answer, "expected": a.expected} for a in inferred.answers],
+        "smoke_answers": [
+            {"instruction": a.instruction, "input": a.input, "answer": a.answer, "expected": a.expected, "base_answer": b}
+            for a, b in zip(inferred.answers, base_answers)
+        ],
+        "loss_curve_uri": link_to(loss_curve_uri),
         "adapter_uri": trained.adapter_uri,
         "adapter_dir": None,
         "merged_dir": None,
@@ -118,9 +138,11 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "duration_seconds": None,
     }
     output_dir = save_local_task(cfg.output.store, key, cfg.output.dir, summary, render_model_card(cfg, summary))
+    (Path(output_dir) / LOSS_CURVE_FILE).write_bytes(loss_curve)
     if cfg.output.save_merged:
         summary["merged_dir"] = merge_model_task(cfg.model, cfg.output.store, key, output_dir)
-    hub_url = push_hub_task(output_dir, cfg.hub)
+    publish_run_artifacts(summary, output_dir)  # before the push: a run the gate stops still shows its numbers
+    hub_url = push_hub_task(output_dir, cfg.hub, inferred.accuracy, inferred.base_accuracy)
 
     summary.update(adapter_dir=output_dir, hub_url=hub_url, duration_seconds=round(time.time() - started, 2))
     write_summary(Path(output_dir), summary)
@@ -130,6 +152,5 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
 
 def publish_summary(store_uri: str, summary: dict[str, Any]) -> str:
     """The run's summary also goes to the store, one object per flow run, beside the adapters."""
-    run_id = flow_run.get_id() or "local"
     body = json.dumps(summary, indent=1, ensure_ascii=False).encode()
-    return open_store(store_uri).put_bytes(body, f"summaries/{run_id}.json")
+    return open_store(store_uri).put_bytes(body, f"summaries/{summary['flow_run_id']}.json")

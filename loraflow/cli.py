@@ -74,11 +74,13 @@ def print_result(summary: dict[str, Any]) -> None:
         expected = "" if item["expected"] is None else f"   (expected {item['expected']})"
         print(f"  {item['input'] or '-'} -> {item['answer']}{expected}")
     if summary["eval_accuracy"] is not None:
-        print(f"eval accuracy: {summary['eval_accuracy']:.3f} on {summary['num_eval_examples']} held-out examples")
+        print(f"eval accuracy: {summary['eval_accuracy']:.3f} on {summary['num_eval_examples']} held-out examples "
+              f"(base model: {summary['base_eval_accuracy']:.3f})")
     print(f"train loss: {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f} "
           f"in {summary['train_steps']} steps")
     print(f"adapter saved to: {summary['adapter_dir']}")
     print(f"summary: {os.path.join(summary['adapter_dir'], 'summary.json')}")
+    print(f"loss curve: {os.path.join(summary['adapter_dir'], 'loss_curve.png')}")
     if summary["hub_url"]:
         print(f"pushed to: {summary['hub_url']}")
 

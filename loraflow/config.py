@@ -162,6 +162,17 @@ class OutputSettings(Section):
 class HubSettings(Section):
     repo_id: str | None = Field(None, description="Push to this Hub repo; the token comes from the hf-token block or HF_TOKEN.")
     private: bool = True
+    min_eval_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Quality gate: fail the run, and push nothing, when eval accuracy is below this (0..1).",
+    )
+    require_beat_base: bool = Field(
+        False, description="Quality gate: fail the run, and push nothing, unless eval accuracy beats the base model's."
+    )
+
+    @property
+    def gate_on(self) -> bool:
+        return self.min_eval_accuracy is not None or self.require_beat_base
 
 
 class FinetuneConfig(Section):
@@ -178,6 +189,12 @@ class FinetuneConfig(Section):
     def _cross_field_rules(self) -> "FinetuneConfig":
         if self.data.eval_uri is None and self.data.eval_fraction == 0.0 and not self.infer.prompts:
             raise ValueError("nothing for smoke-infer to try: set data.eval_uri, data.eval_fraction > 0 or infer.prompts")
+        no_eval_rows = self.data.eval_uri is None and self.data.eval_fraction == 0.0
+        if self.hub.gate_on and (no_eval_rows or self.infer.max_eval_examples == 0):
+            raise ValueError(
+                "hub.min_eval_accuracy / hub.require_beat_base score the eval split: set data.eval_uri or "
+                "data.eval_fraction > 0, and infer.max_eval_examples > 0"
+            )
         return self
 
 

@@ -14,7 +14,8 @@ class DatasetError(LoraflowInputError):
 
 
 class QualityGateError(Exception):
-    """smoke-infer's answers are unusable (empty, or never reached EOS)."""
+    """The adapter falls short: smoke-infer's answers are unusable (empty, or never reached EOS), or its eval
+    accuracy misses the hub.* gate (then nothing is pushed; the adapter stays saved)."""
 
 
 class StoreConfigError(LoraflowInputError):

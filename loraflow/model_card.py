@@ -12,7 +12,8 @@ def render_model_card(cfg: FinetuneConfig, summary: dict[str, Any]) -> str:
     """Markdown with Hub metadata; built only from the config and the run's summary (no secrets in either)."""
     metrics = {
         key: summary.get(key)
-        for key in ("train_steps", "train_loss_first", "train_loss_last", "train_tokens_per_second", "eval_accuracy")
+        for key in ("train_steps", "train_loss_first", "train_loss_last", "train_tokens_per_second",
+                    "eval_accuracy", "base_eval_accuracy")
     }
     return f"""---
 base_model: {cfg.model.name}
@@ -47,6 +48,10 @@ Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summar
 {json.dumps(metrics, indent=1)}
 ```
 
+{render_accuracy(summary)}
+
+![training loss](loss_curve.png)
+
 ## Use
 ```python
 from peft import PeftModel
@@ -57,3 +62,27 @@ model = PeftModel.from_pretrained(base, "<this repo>")
 tokenizer = AutoTokenizer.from_pretrained("<this repo>")
 ```
 """
+
+
+def render_accuracy(summary: dict[str, Any]) -> str:
+    """Accuracy on the eval split, fine-tuned against the base model, and precision/recall per label."""
+    if summary.get("eval_accuracy") is None:
+        return "Eval accuracy was not measured: the eval outputs do not form a closed label set."
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    rows = [
+        f"| {label} | {scores['support']} | {number(scores['precision'])} | {number(scores['recall'])} "
+        f"| {number(summary['base_eval_per_label'][label]['precision'])} "
+        f"| {number(summary['base_eval_per_label'][label]['recall'])} |"
+        for label, scores in summary["eval_per_label"].items()
+    ]
+    return "\n".join([
+        f"Eval accuracy on {sum(s['support'] for s in summary['eval_per_label'].values())} held-out examples: "
+        f"**{number(summary['eval_accuracy'])}** fine-tuned, {number(summary['base_eval_accuracy'])} base model.",
+        "",
+        "| label | eval examples | precision | recall | base precision | base recall |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])

@@ -8,6 +8,7 @@ turn (see loraflow/templates.py).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,11 @@ def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[
 
 
 def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[str] | None:
-    labels = {answer_of(row).strip() for row in train_rows}
-    if not eval_rows or len(labels) > MAX_LABELS or len(labels) * 2 > len(train_rows):
+    """The labels, when the training answers take at most MAX_LABELS distinct values, each at least twice,
+    and every eval answer is one of them; else None (free text: no accuracy)."""
+    counts = Counter(answer_of(row).strip() for row in train_rows)
+    labels = set(counts)
+    if not eval_rows or len(labels) > MAX_LABELS or min(counts.values(), default=0) < 2:
         return None
     if any(answer_of(row).strip() not in labels for row in eval_rows):
         return None

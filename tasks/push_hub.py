@@ -1,4 +1,7 @@
-"""push-hub: create the Hub repo (private by default) and upload the output folder.
+"""push-hub: check the quality gate, create the Hub repo (private by default) and upload the output folder.
+
+The gate (hub.min_eval_accuracy, hub.require_beat_base; off by default) is checked before anything else:
+an adapter that misses it fails this task, and the run, with the numbers, and no request reaches the Hub.
 
 The token comes from the environment (HF_TOKEN) or the Prefect Secret block `hf-token`; never from a
 flow parameter, and it is never logged. HF_ENDPOINT points huggingface_hub at another server: the
@@ -14,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from loraflow.config import HubSettings
 from loraflow.logs import run_logger
+from loraflow.quality import check_quality_gate
 from loraflow.retries import retry_transient
 
 HF_TOKEN_BLOCK = "hf-token"
@@ -30,8 +34,15 @@ def resolve_hf_token() -> str | None:
         return None
 
 
-def push_hub(output_dir: str, hub: HubSettings, token: str | None) -> str | None:
-    """Upload `output_dir` to `hub.repo_id`; returns the repo URL, or None when skipped."""
+def push_hub(
+    output_dir: str, hub: HubSettings, token: str | None,
+    eval_accuracy: float | None = None, base_eval_accuracy: float | None = None,
+) -> str | None:
+    """Upload `output_dir` to `hub.repo_id`; returns the repo URL, or None when skipped.
+
+    Raises QualityGateError, before any request, when the accuracies miss the hub.* gate.
+    """
+    check_quality_gate(hub, eval_accuracy, base_eval_accuracy, output_dir)
     log = run_logger()
     if not hub.repo_id:
         log.info("push-hub: skipped (hub.repo_id is not set)")
@@ -57,6 +68,8 @@ def push_hub(output_dir: str, hub: HubSettings, token: str | None) -> str | None
 
 @task(name="push-hub", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE, persist_result=False)
-def push_hub_task(output_dir: str, hub: HubSettings) -> str | None:
-    """Push the adapter folder to the Hugging Face Hub when a repo and a token are configured."""
-    return push_hub(output_dir, hub, resolve_hf_token())
+def push_hub_task(
+    output_dir: str, hub: HubSettings, eval_accuracy: float | None = None, base_eval_accuracy: float | None = None
+) -> str | None:
+    """Push the adapter folder to the Hugging Face Hub when it passes the gate and a repo and a token are set."""
+    return push_hub(output_dir, hub, resolve_hf_token(), eval_accuracy, base_eval_accuracy)

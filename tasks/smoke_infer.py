@@ -1,13 +1,15 @@
 """smoke-infer: greedy answers for the eval prompts and infer.prompts; accuracy on a closed label set.
 
 A run whose answers are empty, or never reach EOS within max_new_tokens, fails here: such an adapter
-has not learnt the format, and pushing it would only hide that.
+has not learnt the format, and pushing it would only hide that. When the eval outputs form a closed label
+set, the base model answers the same eval prompts too (the adapter switched off, no second load), so the
+run can say how much the fine-tuning moved accuracy.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,14 @@ from loraflow.errors import QualityGateError
 from loraflow.fingerprint import stable_hash
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
+from loraflow.quality import EvalScores, score_answers
 from loraflow.retries import retry_transient
 from loraflow.store import open_store
 from tasks.format_prompts import EvalExample, Prompts
 from tasks.load_model import load_model
 
 GENERATION_BATCH = 8
+INFER_RESULT_VERSION = 2  # in the cache key: a result cached in another shape is never read back
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,18 @@ class Answer:
 
 @dataclass(frozen=True)
 class InferResult:
-    answers: list[Answer]
-    accuracy: float | None  # over the eval examples, when their outputs form a closed label set
+    answers: list[Answer]  # the scored eval examples first, then infer.prompts
+    scores: EvalScores | None = None  # the fine-tuned model on the eval examples, when they form a closed label set
+    base_scores: EvalScores | None = None  # the base model (adapter disabled) on the same examples
+    base_answers: list[str] = field(default_factory=list)  # the base model's answer to each scored eval example
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.scores.accuracy if self.scores else None
+
+    @property
+    def base_accuracy(self) -> float | None:
+        return self.base_scores.accuracy if self.base_scores else None
 
 
 def generate(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
@@ -68,7 +82,8 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
 
         unsloth_backend.for_inference(live.model)
     live.model.eval()
-    examples: list[EvalExample] = prompts.eval_examples[: infer.max_eval_examples] + prompts.infer_prompts
+    eval_examples = prompts.eval_examples[: infer.max_eval_examples]
+    examples: list[EvalExample] = eval_examples + prompts.infer_prompts
     generated = generate(live, [e.prompt for e in examples], infer.max_new_tokens)
     answers = [Answer(e.instruction, e.input, text, e.answer, ended) for e, (text, ended) in zip(examples, generated)]
     log = run_logger()
@@ -83,11 +98,21 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
             f"smoke-infer: {len(bad)} of {len(answers)} answers are unusable; e.g. {first.input or first.instruction!r} "
             f"gave {reason} ({first.answer[:80]!r}). Train longer, raise the learning rate, or check the template."
         )
-    scored = [a for a in answers if a.expected is not None]
-    accuracy = sum(a.answer == a.expected for a in scored) / len(scored) if prompts.labels and scored else None
-    if accuracy is not None:
-        log.info("smoke-infer: accuracy %.3f on %d eval examples (labels %s)", accuracy, len(scored), prompts.labels)
-    return InferResult(answers, accuracy)
+    if not prompts.labels or not eval_examples:
+        return InferResult(answers)
+    expected = [e.answer for e in eval_examples]
+    scores = score_answers([a.answer for a in answers[: len(eval_examples)]], expected, prompts.labels)
+    base_answers = base_model_answers(live, [e.prompt for e in eval_examples], infer.max_new_tokens)
+    base_scores = score_answers(base_answers, expected, prompts.labels)
+    log.info("smoke-infer: accuracy %.3f on %d eval examples, base model %.3f (labels %s)",
+             scores.accuracy, len(eval_examples), base_scores.accuracy, prompts.labels)
+    return InferResult(answers, scores, base_scores, base_answers)
+
+
+def base_model_answers(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[str]:
+    """The same prompts through the base model: PEFT's disable_adapter() skips the LoRA layers in place."""
+    with live.model.disable_adapter():
+        return [text for text, _ in generate(live, texts, max_new_tokens)]
 
 
 def load_published_adapter(model: ModelConfig, store_uri: str, adapter_key: str) -> LiveModel:
@@ -105,7 +130,7 @@ def load_published_adapter(model: ModelConfig, store_uri: str, adapter_key: str)
 def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Answers depend on the adapter's bytes, the prompts and the generation settings; not on the run."""
     prompts: Prompts = parameters["prompts"]
-    return "smoke-infer-" + stable_hash(
+    return f"smoke-infer-v{INFER_RESULT_VERSION}-" + stable_hash(
         open_store(parameters["store_uri"]).digest(parameters["adapter_key"]),
         [(e.prompt, e.answer) for e in prompts.eval_examples + prompts.infer_prompts],
         prompts.labels,
@@ -118,7 +143,7 @@ def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 def smoke_infer_task(
     live: LiveModel | None, prompts: Prompts, infer: InferSettings, model: ModelConfig, store_uri: str, adapter_key: str
 ) -> InferResult:
-    """Generate for the eval and demo prompts; fail on empty or endless answers.
+    """Generate for the eval and demo prompts; fail on empty or endless answers; score fine-tuned vs base.
 
     `live` is None when training was served from the cache: then the base model and the published
     adapter are loaded here, and only here.

@@ -24,6 +24,7 @@ from loraflow.config import ModelConfig, TrainSettings
 from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
+from loraflow.progress import train_progress_callback
 from loraflow.retries import retry_transient
 from loraflow.store import open_store
 from tasks.format_prompts import Prompts
@@ -155,6 +156,7 @@ def build_trainer(
     clock: StepClock | None = None,
 ) -> Any:
     from datasets import Dataset as HFDataset
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     packing = packing_enabled(train, live.backend, live.attn_implementation)
@@ -168,10 +170,13 @@ def build_trainer(
         rows = {"prompt": prompts.train_prompts, "completion": prompts.train_completions}
     else:  # the notebook's way: loss on every token of the text
         rows = {"text": prompts.train_texts}
+    # progress: a Prefect progress artifact and a terminal bar with loss and tokens/s (the clock counts the tokens)
+    progress = train_progress_callback((lambda: sum(clock.batch_tokens)) if clock else None)
     trainer = SFTTrainer(
         model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer,
-        callbacks=[clock.callback()] if clock else None,
+        callbacks=[clock.callback(), progress] if clock else [progress],
     )
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
         clock.count_tokens(trainer.data_collator)
     return trainer

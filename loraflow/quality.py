@@ -1,0 +1,100 @@
+"""How good is the adapter: accuracy and per-label precision/recall on a closed label set, and the gate before push.
+
+An answer counts as label L when its first line, stripped, is exactly L. The fine-tuned model stops at EOS
+after the label; a base model that was never taught to stop may go on after a newline, and the first-line
+rule scores both models by the same standard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraflow.config import HubSettings
+from loraflow.errors import ConfigError, QualityGateError
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    support: int  # eval examples whose expected answer is this label
+    predicted: int  # answers that gave this label
+    correct: int  # answers that gave this label where it was expected
+
+    @property
+    def precision(self) -> float | None:  # None: the model never gave this label
+        return self.correct / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:  # None: no eval example has this label
+        return self.correct / self.support if self.support else None
+
+
+@dataclass(frozen=True)
+class EvalScores:
+    accuracy: float
+    per_label: dict[str, LabelScore]
+
+    def as_dict(self) -> dict[str, dict[str, float | int | None]]:
+        return {
+            label: {"precision": s.precision, "recall": s.recall, "support": s.support}
+            for label, s in self.per_label.items()
+        }
+
+
+def answer_label(answer: str, labels: list[str]) -> str | None:
+    """The label an answer gives, by the first-line rule; None when it gives none."""
+    first_line = answer.strip().split("\n", 1)[0].strip()
+    return first_line if first_line in labels else None
+
+
+def score_answers(answers: list[str], expected: list[str], labels: list[str]) -> EvalScores:
+    """Accuracy = right answers / all; per label, precision = right / answered L, recall = right / expected L."""
+    given = [answer_label(a, labels) for a in answers]
+    per_label = {
+        label: LabelScore(
+            support=sum(e == label for e in expected),
+            predicted=sum(g == label for g in given),
+            correct=sum(g == e == label for g, e in zip(given, expected)),
+        )
+        for label in labels
+    }
+    accuracy = sum(g == e for g, e in zip(given, expected)) / len(expected) if expected else 0.0
+    return EvalScores(accuracy, per_label)
+
+
+def check_gate_measurable(hub: HubSettings, labels: list[str] | None) -> None:
+    """Before any model loads: a gate on accuracy needs eval outputs that form a closed label set."""
+    if hub.gate_on and labels is None:
+        raise ConfigError(
+            "hub.min_eval_accuracy / hub.require_beat_base need eval accuracy, and these eval outputs are not a "
+            "closed label set (at most 20 distinct training outputs, each at least twice, every eval output among "
+            "them): turn the gate off or use labelled data"
+        )
+
+
+def gate_failures(hub: HubSettings, accuracy: float | None, base_accuracy: float | None) -> list[str]:
+    """Each way the adapter falls short of the hub.* gate, with its numbers; empty when it passes or is off."""
+    failures = []
+    if hub.min_eval_accuracy is not None:
+        if accuracy is None:
+            failures.append(f"eval accuracy was not measured (hub.min_eval_accuracy {hub.min_eval_accuracy:.4g})")
+        elif accuracy < hub.min_eval_accuracy:
+            failures.append(f"eval accuracy {accuracy:.4g} < hub.min_eval_accuracy {hub.min_eval_accuracy:.4g}")
+    if hub.require_beat_base:
+        if accuracy is None or base_accuracy is None:
+            failures.append("eval accuracy against the base model was not measured (hub.require_beat_base)")
+        elif accuracy <= base_accuracy:
+            failures.append(
+                f"eval accuracy {accuracy:.4g} does not beat the base model's {base_accuracy:.4g} (hub.require_beat_base)"
+            )
+    return failures
+
+
+def check_quality_gate(hub: HubSettings, accuracy: float | None, base_accuracy: float | None, output_dir: str) -> None:
+    """Raise QualityGateError, naming the numbers, when the adapter must not be pushed."""
+    failures = gate_failures(hub, accuracy, base_accuracy)
+    if failures:
+        target = hub.repo_id or "the Hub"
+        raise QualityGateError(
+            f"quality gate failed: {'; '.join(failures)}. Nothing was pushed to {target}; "
+            f"the adapter is saved in {output_dir}"
+        )

@@ -1,0 +1,124 @@
+"""What a run shows in Prefect: a metrics table artifact, a markdown report with the loss curve and the answers.
+
+Both are made from the run's summary (never from config or secrets) on every run, cached or not, and before
+push-hub, so a run that the quality gate stops still shows its numbers.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+LOSS_CURVE_FILE = "loss_curve.png"
+METRICS_ARTIFACT_KEY = "finetune-metrics"
+REPORT_ARTIFACT_KEY = "finetune-report"
+
+
+def loss_curve_png(losses: list[tuple[int, float]], title: str) -> bytes:
+    """The training loss per logged step, as a PNG."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot global state
+
+    figure = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
+    axes = figure.subplots()
+    axes.plot([step for step, _ in losses], [loss for _, loss in losses], linewidth=1.2)
+    axes.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def link_to(uri: str) -> str:
+    """A store URI as a link: s3:// stays as it is, a local path becomes file://."""
+    return uri if "://" in uri else Path(uri).resolve().as_uri()
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def gate_verdict(summary: dict[str, Any]) -> str:
+    gate = summary["quality_gate"]
+    if gate["min_eval_accuracy"] is None and not gate["require_beat_base"]:
+        return "off"
+    return "failed: " + "; ".join(gate["failures"]) if gate["failures"] else "passed"
+
+
+def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of metric / value, in the order a reader checks them."""
+    peak = summary["peak_memory_bytes"]
+    return [
+        {"metric": "train steps", "value": summary["train_steps"]},
+        {"metric": "train loss, first step", "value": rounded(summary["train_loss_first"])},
+        {"metric": "train loss, last step", "value": rounded(summary["train_loss_last"])},
+        {"metric": "train tokens/s", "value": round(summary["train_tokens_per_second"], 1)},
+        {"metric": "peak memory (GiB)", "value": round(peak / 2**30, 3) if peak else None},
+        {"metric": "train runtime (s)", "value": round(summary["train_runtime_seconds"], 1)},
+        {"metric": "eval examples", "value": summary["num_eval_examples"]},
+        {"metric": "eval accuracy, fine-tuned", "value": rounded(summary["eval_accuracy"])},
+        {"metric": "eval accuracy, base model", "value": rounded(summary["base_eval_accuracy"])},
+        {"metric": "quality gate", "value": gate_verdict(summary)},
+    ]
+
+
+def cell(value: Any) -> str:
+    """A markdown table cell: no pipes or newlines from model output may break the table."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace("|", "\\|").replace("\n", " ⏎ ") or "(empty)"
+
+
+def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
+    curve = summary["loss_curve_uri"]
+    lines = [
+        f"# Fine-tune of `{summary['model']}`",
+        "",
+        f"Backend `{summary['backend']}`, dataset `{summary['dataset_uri']}`, {summary['num_train_examples']} train / "
+        f"{summary['num_eval_examples']} eval examples, {summary['train_steps']} steps: loss "
+        f"{cell(summary['train_loss_first'])} → {cell(summary['train_loss_last'])}.",
+        "",
+        "## Loss curve",
+        "",
+        f"![training loss]({curve})",
+        "",
+        f"PNG in the store: [{curve}]({curve}); in the output folder: `{Path(output_dir) / LOSS_CURVE_FILE}`.",
+        "",
+        "## Accuracy on the eval split",
+        "",
+    ]
+    if summary["eval_accuracy"] is None:
+        lines.append("Not measured: the eval outputs do not form a closed label set.")
+    else:
+        lines += [
+            "| | fine-tuned | base model |",
+            "|---|---|---|",
+            f"| accuracy | {cell(summary['eval_accuracy'])} | {cell(summary['base_eval_accuracy'])} |",
+            "",
+            "| label | eval examples | precision | recall | base precision | base recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        base = summary["base_eval_per_label"]
+        for label, scores in summary["eval_per_label"].items():
+            lines.append(
+                f"| {cell(label)} | {scores['support']} | {cell(scores['precision'])} | {cell(scores['recall'])} "
+                f"| {cell(base[label]['precision'])} | {cell(base[label]['recall'])} |"
+            )
+    lines += ["", f"Quality gate: {gate_verdict(summary)}.", "", "## Smoke-infer answers", "",
+              "| input | expected | fine-tuned | base model |", "|---|---|---|---|"]
+    for item in summary["smoke_answers"]:
+        lines.append(f"| {cell(item['input'] or item['instruction'])} | {cell(item['expected'])} "
+                     f"| {cell(item['answer'])} | {cell(item['base_answer'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_run_artifacts(summary: dict[str, Any], output_dir: str) -> None:
+    """The metrics table and the markdown report, attached to the current flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(metrics_table(summary), key=METRICS_ARTIFACT_KEY,
+                          description=f"loraflow: metrics of the fine-tune of {summary['model']}")
+    create_markdown_artifact(report_markdown(summary, output_dir), key=REPORT_ARTIFACT_KEY,
+                             description=f"loraflow: loss curve, accuracy and answers of {summary['model']}")

@@ -1,0 +1,167 @@
+"""What a run shows: progress while it trains, then a metrics table, a report with the loss curve, and accuracy
+against the base model, read back through Prefect's client from one real run of the tiny config."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import pytest
+
+import loraflow.progress
+from loraflow.report import LOSS_CURVE_FILE, METRICS_ARTIFACT_KEY, REPORT_ARTIFACT_KEY
+from loraflow.progress import PROGRESS_ARTIFACT_KEY, UPDATE_EVERY_PERCENT, train_progress_callback
+from tests.conftest import TINY_CONFIG, run_cli
+from tests.hub_standin import HubStandIn
+from tests.prefect_reads import PrefectReader
+
+REPO = "loraflow-tests/gated-adapter"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run with the gate on (beat the base model: the random tiny base scores 0) that passes and pushes."""
+    work = tmp_path_factory.mktemp("artifacts")
+    with HubStandIn() as hub:
+        result = run_cli(
+            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+            "--set", f"output.store={work / 'store'}", "--set", f"hub.repo_id={REPO}",
+            "--set", "hub.require_beat_base=true",
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    with PrefectReader() as prefect:
+        artifacts = prefect.artifacts(summary["flow_run_id"])
+    return {"result": result, "summary": summary, "hub": hub.record, "work": work, "artifacts": artifacts}
+
+
+def test_metrics_table_artifact_holds_the_runs_numbers(run: dict) -> None:
+    table = run["artifacts"][METRICS_ARTIFACT_KEY]
+    assert table.type == "table"
+    rows = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    summary = run["summary"]
+    assert rows["train steps"] == summary["train_steps"] == 120
+    assert rows["train loss, first step"] == round(summary["train_loss_first"], 4)
+    assert rows["train loss, last step"] == round(summary["train_loss_last"], 4)
+    assert rows["train tokens/s"] == round(summary["train_tokens_per_second"], 1) and rows["train tokens/s"] > 0
+    assert rows["peak memory (GiB)"] == round(summary["peak_memory_bytes"] / 2**30, 3)
+    assert rows["train runtime (s)"] == round(summary["train_runtime_seconds"], 1)
+    assert rows["eval accuracy, fine-tuned"] == round(summary["eval_accuracy"], 4)
+    assert rows["eval accuracy, base model"] == round(summary["base_eval_accuracy"], 4)
+    assert rows["quality gate"] == "passed"
+
+
+def test_report_links_the_loss_curve_and_lists_every_answer(run: dict) -> None:
+    report = run["artifacts"][REPORT_ARTIFACT_KEY]
+    assert report.type == "markdown"
+    summary = run["summary"]
+    curve_uri = summary["loss_curve_uri"]
+    assert f"![training loss]({curve_uri})" in report.data
+    stored = Path(urlparse(curve_uri).path)
+    assert stored.is_relative_to(run["work"] / "store")  # in the store, next to the run's summary
+    assert stored.read_bytes() == (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()
+    assert f"| accuracy | {summary['eval_accuracy']:.3f} | {summary['base_eval_accuracy']:.3f} |" in report.data
+    for item in summary["smoke_answers"]:
+        assert f"| {item['input']} |" in report.data and f"| {item['answer']} |" in report.data
+
+
+def test_loss_curve_is_a_png_plot(run: dict) -> None:
+    from matplotlib.image import imread
+
+    data = (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    pixels = imread(io.BytesIO(data))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.std() > 0  # not a blank image
+
+
+def test_progress_artifact_reached_100_percent_during_train(run: dict) -> None:
+    progress = run["artifacts"][PROGRESS_ARTIFACT_KEY]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.task_run_id is not None  # made by the train task, while it trained
+
+
+def test_terminal_shows_a_progress_bar_with_loss_and_tokens_per_second(run: dict) -> None:
+    stderr = run["result"].stderr
+    assert "train: 100%" in stderr and "120/120" in stderr
+    assert re.search(r"120/120 \[.*loss=\d+\.\d{4}, tok/s=\d+\]", stderr)
+    assert "{'loss'" not in run["result"].stdout + stderr  # the bar replaces transformers' dict per step
+
+
+def test_accuracy_and_per_label_scores_follow_from_the_answers(run: dict) -> None:
+    """Recompute accuracy, precision and recall from the answers in summary.json, for both models."""
+    summary = run["summary"]
+    scored = [a for a in summary["smoke_answers"] if a["expected"] is not None]
+    assert len(scored) == summary["num_eval_examples"]
+    for model, answer_key, accuracy_key, per_label_key in (
+        ("fine-tuned", "answer", "eval_accuracy", "eval_per_label"),
+        ("base", "base_answer", "base_eval_accuracy", "base_eval_per_label"),
+    ):
+        given = [a[answer_key].strip().split("\n")[0].strip() for a in scored]
+        expected = [a["expected"] for a in scored]
+        assert summary[accuracy_key] == pytest.approx(sum(g == e for g, e in zip(given, expected)) / len(scored)), model
+        for label, scores in summary[per_label_key].items():
+            said = sum(g == label for g in given)
+            right = sum(g == e == label for g, e in zip(given, expected))
+            assert scores["support"] == expected.count(label)
+            assert scores["precision"] == (pytest.approx(right / said) if said else None), (model, label)
+            assert scores["recall"] == (pytest.approx(right / expected.count(label)) if expected.count(label) else None)
+    assert summary["eval_accuracy"] > summary["base_eval_accuracy"]  # what let the gate pass
+
+
+def test_passing_gate_pushes_the_card_with_both_accuracies_and_the_curve(run: dict) -> None:
+    summary = run["summary"]
+    assert summary["quality_gate"] == {"min_eval_accuracy": None, "require_beat_base": True, "failures": []}
+    assert summary["hub_url"].endswith(REPO)
+    files = run["hub"].files[REPO]
+    assert files[LOSS_CURVE_FILE] == (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()
+    card = files["README.md"].decode()
+    assert f"**{summary['eval_accuracy']:.3f}** fine-tuned, {summary['base_eval_accuracy']:.3f} base model" in card
+    assert f'"base_eval_accuracy": {summary["base_eval_accuracy"]}' in card
+    assert f"![training loss]({LOSS_CURVE_FILE})" in card
+
+
+# --- the progress callback on its own -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_steps", [7, 20, 60, 120, 1000])
+def test_progress_is_reported_at_least_every_5_percent_and_ends_at_100(
+    max_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[float] = []
+
+    class RecordedArtifact:
+        def __init__(self, description: str):
+            self.percent = 0.0
+            reported.append(0.0)
+
+        def update(self, percent: float) -> None:
+            self.percent = percent
+            reported.append(percent)
+
+    monkeypatch.setattr(loraflow.progress, "in_prefect_run", lambda: True)
+    monkeypatch.setattr(loraflow.progress, "ProgressArtifact", RecordedArtifact)
+    terminal = io.StringIO()
+    tokens = [0]
+    callback = train_progress_callback(lambda: tokens[0], file=terminal)
+    state = SimpleNamespace(max_steps=max_steps, global_step=0)
+    callback.on_train_begin(None, state, None)
+    for step in range(1, max_steps + 1):
+        tokens[0] += 100
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        callback.on_log(None, state, None, logs={"loss": 1.0 / step})
+    callback.on_train_end(None, state, None)
+
+    gaps = [b - a for a, b in zip(reported, reported[1:])]
+    assert reported[-1] == 100.0
+    assert max(gaps) <= max(UPDATE_EVERY_PERCENT, 100.0 / max_steps) + 1e-9
+    assert len(reported) <= min(max_steps, 100 / UPDATE_EVERY_PERCENT * 2) + 1  # not an API call per step
+    assert f"{max_steps}/{max_steps}" in terminal.getvalue()
+    assert re.search(rf"loss={1.0 / max_steps:.4f}, tok/s=\d+", terminal.getvalue())

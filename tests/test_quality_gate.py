@@ -1,0 +1,170 @@
+"""The quality gate before push (hub.min_eval_accuracy, hub.require_beat_base) and the scores it reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraflow.config import HubSettings, load_config
+from loraflow.errors import ConfigError, QualityGateError
+from loraflow.quality import check_gate_measurable, check_quality_gate, gate_failures, score_answers
+from tasks.format_prompts import closed_label_set
+from tasks.push_hub import push_hub
+from tests.conftest import TINY_CONFIG, run_cli
+from tests.hub_standin import HubStandIn
+from tests.prefect_reads import PrefectReader
+
+REPO = "loraflow-tests/should-not-exist"
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+def test_gate_is_off_by_default() -> None:
+    hub = load_config(TINY_CONFIG).hub
+    assert hub.min_eval_accuracy is None and hub.require_beat_base is False and not hub.gate_on
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_min_eval_accuracy_must_be_between_0_and_1(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"hub\.min_eval_accuracy"):
+        load_config(TINY_CONFIG, [{"hub": {"min_eval_accuracy": value}}])
+
+
+def test_gate_needs_eval_examples_to_score() -> None:
+    with pytest.raises(ConfigError, match="score the eval split"):
+        load_config(TINY_CONFIG, [{"hub": {"require_beat_base": True}, "data": {"eval_fraction": 0.0}}])
+    with pytest.raises(ConfigError, match="infer.max_eval_examples > 0"):
+        load_config(TINY_CONFIG, [{"hub": {"min_eval_accuracy": 0.5}, "infer": {"max_eval_examples": 0}}])
+
+
+def test_closed_label_set_needs_every_label_at_least_twice() -> None:
+    rows = [{"output": label} for label in ["积极", "消极", "中性"] * 2]
+    assert closed_label_set(rows, rows[:2]) == ["中性", "消极", "积极"]
+    assert closed_label_set(rows + [{"output": "很难说"}], rows[:2]) is None  # one label seen once: not a label set
+    assert closed_label_set(rows, [{"output": "很难说"}]) is None  # an eval output outside the set
+
+
+def test_gate_on_free_text_outputs_is_an_input_error() -> None:
+    check_gate_measurable(HubSettings(), None)  # gate off: nothing to measure
+    with pytest.raises(ConfigError, match="not a closed label set"):
+        check_gate_measurable(HubSettings(min_eval_accuracy=0.5), None)
+
+
+# --- scores and the gate's verdict -------------------------------------------------------------------------------
+
+
+def test_scores_use_the_first_line_and_count_per_label() -> None:
+    labels = ["neg", "pos"]
+    answers = ["pos", "pos\nmore text", "neg", " neg ", "positive", "pos"]
+    expected = ["pos", "pos", "pos", "neg", "neg", "neg"]
+    scores = score_answers(answers, expected, labels)
+    assert scores.accuracy == pytest.approx(3 / 6)
+    assert scores.per_label["pos"].precision == pytest.approx(2 / 3) and scores.per_label["pos"].recall == pytest.approx(2 / 3)
+    assert scores.per_label["neg"].precision == pytest.approx(1 / 2) and scores.per_label["neg"].recall == pytest.approx(1 / 3)
+    never_said = score_answers(["x", "x"], ["pos", "neg"], labels)
+    assert never_said.per_label["pos"].precision is None and never_said.per_label["pos"].recall == 0.0
+
+
+def test_gate_failures_name_the_numbers() -> None:
+    assert gate_failures(HubSettings(), 0.1, 0.9) == []  # off
+    assert gate_failures(HubSettings(min_eval_accuracy=0.8, require_beat_base=True), 0.85, 0.5) == []
+    assert gate_failures(HubSettings(min_eval_accuracy=0.8), 0.62, None) == [
+        "eval accuracy 0.62 < hub.min_eval_accuracy 0.8"
+    ]
+    assert gate_failures(HubSettings(require_beat_base=True), 0.5, 0.5) == [
+        "eval accuracy 0.5 does not beat the base model's 0.5 (hub.require_beat_base)"
+    ]
+    assert len(gate_failures(HubSettings(min_eval_accuracy=0.8, require_beat_base=True), 0.4, 0.6)) == 2
+    assert "not measured" in gate_failures(HubSettings(min_eval_accuracy=0.8), None, None)[0]
+
+
+def test_failing_gate_sends_no_request_to_the_hub(tmp_path: Path) -> None:
+    hub_settings = HubSettings(repo_id=REPO, min_eval_accuracy=0.8)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with HubStandIn() as hub, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", hub.url)
+        patch.setenv("HF_HUB_OFFLINE", "0")
+        with pytest.raises(QualityGateError, match=r"eval accuracy 0\.62 < hub\.min_eval_accuracy 0\.8"):
+            push_hub(str(tmp_path), hub_settings, "hf_test_token", eval_accuracy=0.62, base_eval_accuracy=0.3)
+    assert hub.record.requests == []
+    check_quality_gate(hub_settings, 0.8, 0.3, str(tmp_path))  # at the threshold passes
+
+
+def test_base_answers_are_the_base_models_answers() -> None:
+    """smoke-infer scores the base model with the adapter disabled in place: the same answers as a base model
+    that never had an adapter, although the adapter (non-zero lora_B) changes the answers."""
+    from tasks.attach_lora import attach_lora
+    from tasks.load_model import load_model
+    from tasks.smoke_infer import base_model_answers, generate
+
+    cfg = load_config(TINY_CONFIG)
+    prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了", "会议在三点开始")]
+    plain = load_model(cfg.model)
+    plain_answers = [text for text, _ in generate(plain, prompts, 8)]
+    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in live.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1.0)
+    live.model.eval()
+    assert [text for text, _ in generate(live, prompts, 8)] != plain_answers
+    assert base_model_answers(live, prompts, 8) == plain_answers
+
+
+# --- end to end: a run whose adapter misses the gate ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny config reaches ~0.56 eval accuracy; hub.min_eval_accuracy 1.0 stops it."""
+    work = tmp_path_factory.mktemp("gated")
+    with HubStandIn() as hub:
+        result = run_cli(
+            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+            "--set", f"output.store={work / 'store'}", "--set", f"hub.repo_id={REPO}",
+            "--set", "hub.min_eval_accuracy=1.0",
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
+        )
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    with PrefectReader() as prefect:
+        state, artifacts = prefect.state(summary["flow_run_id"]), prefect.artifacts(summary["flow_run_id"])
+    return {"result": result, "summary": summary, "hub": hub.record, "work": work, "state": state, "artifacts": artifacts}
+
+
+def test_failing_gate_fails_the_run_with_the_numbers(gated_run: dict) -> None:
+    result, summary = gated_run["result"], gated_run["summary"]
+    assert summary["eval_accuracy"] < 1.0, "the tiny model scored 1.0: this test needs an adapter that misses the gate"
+    failure = f"eval accuracy {summary['eval_accuracy']:.4g} < hub.min_eval_accuracy 1"
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: flow run Failed: quality gate failed: ")
+    assert failure in errors[0]
+    assert f"Nothing was pushed to {REPO}" in errors[0] and str(gated_run["work"] / "out") in errors[0]
+    state = gated_run["state"]
+    assert state.is_failed() and failure in state.message
+
+
+def test_failing_gate_sent_nothing_to_the_hub(gated_run: dict) -> None:
+    assert gated_run["hub"].requests == []
+    assert gated_run["summary"]["hub_url"] is None
+
+
+def test_failing_gate_keeps_the_adapter_locally_and_in_the_store(gated_run: dict) -> None:
+    out = gated_run["work"] / "out"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "summary.json", "loss_curve.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert (Path(gated_run["summary"]["adapter_uri"]) / "manifest.json").is_file()
+
+
+def test_failing_gate_still_reports_its_numbers_as_artifacts(gated_run: dict) -> None:
+    summary = gated_run["summary"]
+    assert summary["quality_gate"]["failures"] == [f"eval accuracy {summary['eval_accuracy']:.4g} < hub.min_eval_accuracy 1"]
+    artifacts = gated_run["artifacts"]
+    rows = {row["metric"]: row["value"] for row in json.loads(artifacts["finetune-metrics"].data)}
+    assert rows["quality gate"] == "failed: " + summary["quality_gate"]["failures"][0]
+    assert "Quality gate: failed: eval accuracy" in artifacts["finetune-report"].data
