@@ -3,10 +3,12 @@ server, nanio S3, pool `gpu`, a process worker, the webhook receiver):
 
 - a flow run SIGKILLed mid-training (after a checkpoint) and run again resumes from its last checkpoint;
 - `prefect flow-run cancel` stops a training run, its processes gone within 30 s, its last checkpoint usable;
+- two runs of one config at the same time both finish with a valid adapter;
 - the stack runs with sentinel secrets (S3 secret key in the AwsCredentials block, HF token in the Secret block
-  `hf-token`, the webhook secret in the receiver's environment), and afterwards none of them is in Prefect's
-  logs, runs, parameters, results, artifacts or events, in the stack's logs, the bucket or the output folders;
-- two runs of one config at the same time both finish with a valid adapter.
+  `hf-token`, the webhook secret in the receiver's environment; the two concurrent runs get the S3 key and the
+  HF token from their environment), and afterwards none of them is in Prefect's logs, runs, parameters, results,
+  artifacts or events, in the stack's logs, the bucket, the output folders or the runs' output. That test runs
+  last and scans what every run of the module left.
 """
 
 from __future__ import annotations
@@ -212,9 +214,11 @@ def test_two_concurrent_runs_of_one_config_both_finish_with_a_valid_adapter(
     stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both against the stack's server and bucket, as two `loraflow run`s (the deployments allow one run at a
-    time); checkpoints every 20 steps and only the newest kept, so each run prunes what the other wrote."""
+    time); checkpoints every 20 steps and only the newest kept, so each run prunes what the other wrote.
+    These take their secrets from the environment (the worker's runs from blocks); the secret scan below reads
+    their output too."""
     stack["outputs"].append(tmp_path)
-    env = {**stack["env"], "LORAFLOW_AWS_CREDENTIALS_BLOCK": "loraflow-s3"}
+    env = {**stack["env"], **stack["s3_keys"], "HF_TOKEN": SENTINELS["HF token"]}
     outs = [tmp_path / "a", tmp_path / "b"]
     processes = [subprocess.Popen(
         [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(out),
@@ -222,6 +226,8 @@ def test_two_concurrent_runs_of_one_config_both_finish_with_a_valid_adapter(
          "--set", "train.save_total_limit=1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
     logs = [process.communicate(timeout=900)[0] for process in processes]
+    for out, log in zip(outs, logs):
+        out.with_suffix(".log").write_text(log)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-4000:]
 
