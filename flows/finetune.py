@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from loraflow.builders import choose_backend
-from loraflow.cache_keys import adapter_key, train_key
+from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
 from loraflow.quality import check_gate_measurable, gate_failures
@@ -77,7 +77,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     check_gate_measurable(cfg.hub, prompts.labels)  # a gate on accuracy needs labels: say so before any model loads
 
     # The adapter's key says everything it depends on. Already published: load no model, train nothing.
-    key = adapter_key(train_key(cfg, train_data.sha256, eval_data.sha256 if eval_data else None, backend))
+    train_cache_key = train_key(cfg, train_data.sha256, eval_data.sha256 if eval_data else None, backend)
+    key = adapter_key(train_cache_key)
     published = open_store(cfg.output.store).has(key)
     model = None
     if not published:
@@ -85,7 +86,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         model = attach_lora_task(base, cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     trained = run_cached(
         train_task.with_options(result_storage=storage, refresh_cache=not published), cached,
-        model, prompts, cfg.train, cfg.model, cfg.output.store, key,
+        model, prompts, cfg.train, cfg.model, cfg.output.store, key, checkpoints_prefix(train_cache_key),
     )
     if published and "train" not in cached:  # Prefect's record was gone, the adapter was not: still no training
         cached.append("train")
@@ -108,6 +109,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "num_train_examples": len(prompts.train_texts),
         "num_eval_examples": len(prompts.eval_examples),
         "train_steps": trained.steps,
+        "resumed_from_step": trained.resumed_from_step,
         "train_loss_first": trained.loss_first,
         "train_loss_last": trained.loss_last,
         "train_losses": trained.losses,

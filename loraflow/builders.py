@@ -167,9 +167,10 @@ def build_sft_config(
         lr_scheduler_type=train.lr_scheduler,
         seed=train.seed,
         logging_steps=train.logging_steps,
-        # Checkpoints would land in the train task's temporary folder and vanish with it (and the trainer writes
-        # one at the end, ~1 s of train() on the 8B shape): the adapter is published once, after training.
-        save_strategy="no",
+        # A checkpoint every save_steps and one at the end; train copies each to the store as it is written
+        # (loraflow/checkpoints.py), so a retry resumes from it. The local copies live in the task's temporary
+        # folder, the newest save_total_limit of them.
+        save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         bf16=on_cuda and dtype == torch.bfloat16,

@@ -21,9 +21,14 @@ def library_versions() -> dict[str, str | None]:
     return {name: version(name) for name in TRAINING_LIBRARIES}
 
 
+# How often checkpoints are written changes nothing that is trained, and a rerun with another interval should
+# still find the checkpoints and the adapter of the same training.
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit"}
+
+
 def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
     """The adapter depends on: data, split, template, model (name, revision, precision), LoRA, training
-    settings, backend and library versions. Not on infer, output or hub settings."""
+    settings (not the checkpoint interval), backend and library versions. Not on infer, output or hub settings."""
     return stable_hash(
         data_sha256,
         eval_sha256,
@@ -36,7 +41,7 @@ def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, ba
         cfg.model.max_seq_length,
         cfg.model.dtype,
         cfg.lora,
-        cfg.train,
+        cfg.train.model_dump(mode="json", exclude=NOT_TRAINING_SETTINGS),
         backend,
         library_versions(),
     )
@@ -44,3 +49,8 @@ def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, ba
 
 def adapter_key(train_cache_key: str) -> str:
     return f"adapters/{train_cache_key}"
+
+
+def checkpoints_prefix(train_cache_key: str) -> str:
+    """Where train's checkpoints for this key go (see loraflow.checkpoints)."""
+    return f"checkpoints/{train_cache_key}"

@@ -2,9 +2,13 @@
 
 Layout under s3://bucket/prefix/:
     blobs/<sha256>                 file contents, addressed by their own hash: immutable, shared
-    <key>/manifest.json            {path in folder: {size, sha256}}, written last, in one PUT
+    <key>/manifest.json            {path in folder: {size, sha256[, object]}}, written last, in one PUT
+    <key>/files/<path>             a folder's own copy of a file (shared_blobs=False: checkpoints)
 A folder is visible only once its manifest exists, so a reader never sees half an artifact, and two runs
 publishing the same key cannot corrupt it: their blobs are immutable and each manifest is whole.
+Blobs are never deleted (another manifest may list them); a folder that will be deleted again (a checkpoint,
+pruned once newer ones exist) keeps its files under its own key instead, and deleting removes the manifest
+first, then those files.
 Uploads use boto3's managed transfer (multipart and parallel above 8 MiB).
 """
 
@@ -23,6 +27,7 @@ from loraflow.store import MANIFEST, manifest_digest
 
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}
 MISSING_BUCKET_ERRORS = {"NoSuchBucket"}
+MISSING_OBJECT_ERRORS = {"404", "NoSuchKey", "NotFound"}
 
 
 def transfer_config() -> Any:
@@ -76,7 +81,7 @@ class S3Store:
                 self.client.head_object(Bucket=self.bucket, Key=key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
                 return False
             raise
 
@@ -88,15 +93,20 @@ class S3Store:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(f"{key}/{MANIFEST}"))["Body"].read()
         return json.loads(body)
 
-    def put_folder(self, folder: Path, key: str) -> str:
-        files = {}
+    def put_folder(self, folder: Path, key: str, shared_blobs: bool = True) -> str:
+        files: dict[str, dict[str, Any]] = {}
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest = sha256_file(path)
-            blob = self._key(f"blobs/{digest}")
-            if not self._exists(blob):
-                with self.explained(f"upload {path.name}"):
-                    self.client.upload_file(str(path), self.bucket, blob, Config=transfer_config())
-            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": digest}
+            digest, relative = sha256_file(path), str(path.relative_to(folder))
+            files[relative] = {"size": path.stat().st_size, "sha256": digest}
+            if shared_blobs:
+                target = self._key(f"blobs/{digest}")
+                if self._exists(target):
+                    continue
+            else:  # the key is the writer's own (run-scoped), so nobody else writes these objects
+                files[relative]["object"] = f"{key}/files/{relative}"
+                target = self._key(files[relative]["object"])
+            with self.explained(f"upload {path.name}"):
+                self.client.upload_file(str(path), self.bucket, target, Config=transfer_config())
         manifest = json.dumps({"created_at": time.time(), "files": files}, indent=1).encode()
         with self.explained(f"publish {key}/{MANIFEST}"):
             self.client.put_object(Bucket=self.bucket, Key=self._key(f"{key}/{MANIFEST}"), Body=manifest)
@@ -106,15 +116,53 @@ class S3Store:
         if not self.has(key):
             raise FileNotFoundError(f"s3://{self.bucket}/{self._key(key)}: no complete artifact (no {MANIFEST})")
         destination.mkdir(parents=True, exist_ok=True)
+        from botocore.exceptions import ClientError
+
         for relative, meta in self.manifest(key)["files"].items():
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self.explained(f"download {relative}"):
-                self.client.download_file(self.bucket, self._key(f"blobs/{meta['sha256']}"), str(target),
-                                          Config=transfer_config())
+            try:
+                with self.explained(f"download {relative}"):
+                    self.client.download_file(self.bucket, self.object_of(meta), str(target), Config=transfer_config())
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
+                    raise FileNotFoundError(f"s3://{self.bucket}/{self._key(key)}: {relative} is gone (deleted)") from None
+                raise
             if sha256_file(target) != meta["sha256"]:
                 raise StoreUnavailableError(f"{relative} from s3://{self.bucket}/{self._key(key)} failed its sha256 check")
         return destination
+
+    def object_of(self, meta: dict[str, Any]) -> str:
+        """Where a manifest entry's bytes are: the folder's own copy, else the shared blob."""
+        return self._key(meta.get("object") or f"blobs/{meta['sha256']}")
+
+    def list_complete(self, prefix: str) -> list[str]:
+        """Keys of the complete folders directly under `prefix`: those whose manifest exists."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        base = self._key(prefix) + "/"
+        keys = []
+        with self.explained(f"list {prefix}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    name, _, rest = item["Key"][len(base):].partition("/")
+                    if rest == MANIFEST:
+                        keys.append(f"{prefix}/{name}")
+        return keys
+
+    def delete(self, key: str) -> None:
+        """The manifest goes first (readers stop seeing the folder), then the folder's own files; shared blobs stay."""
+        from botocore.exceptions import ClientError
+
+        try:
+            manifest = self.manifest(key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
+                return  # someone else deleted it first
+            raise
+        own = [meta["object"] for meta in manifest["files"].values() if meta.get("object")]
+        with self.explained(f"delete {key}"):
+            for name in [f"{key}/{MANIFEST}", *own]:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
     def put_bytes(self, data: bytes, key: str) -> str:
         with self.explained(f"write {key}"):
@@ -128,9 +176,9 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def read_file(self, key: str, relative: str) -> bytes:
-        blob = self.manifest(key)["files"][relative]["sha256"]
+        meta = self.manifest(key)["files"][relative]
         with self.explained(f"read {key}/{relative}"):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(f"blobs/{blob}"))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self.object_of(meta))["Body"].read()
 
 
 def s3_result_storage(store_uri: str) -> Any:

@@ -3,6 +3,7 @@
 A folder is published as `<key>/` plus `<key>/manifest.json`, the manifest written last and listing every
 file with its size and sha256. Readers trust only folders whose manifest exists, so nobody sees half an
 artifact; two writers of the same key write the same content, and the last rename or manifest wins.
+Deleting goes the other way: the manifest (or the whole folder, by one rename) disappears first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -35,11 +37,13 @@ class Store(Protocol):
     def check(self) -> None: ...
     def has(self, key: str) -> bool: ...
     def uri_of(self, key: str) -> str: ...
-    def put_folder(self, folder: Path, key: str) -> str: ...
+    def put_folder(self, folder: Path, key: str, shared_blobs: bool = True) -> str: ...
     def get_folder(self, key: str, destination: Path) -> Path: ...
     def read_file(self, key: str, relative: str) -> bytes: ...
     def digest(self, key: str) -> str: ...
     def put_bytes(self, data: bytes, key: str) -> str: ...
+    def list_complete(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -69,7 +73,8 @@ class LocalStore:
     def digest(self, key: str) -> str:
         return manifest_digest(json.loads((self.root / key / MANIFEST).read_text()))
 
-    def put_folder(self, folder: Path, key: str) -> str:
+    def put_folder(self, folder: Path, key: str, shared_blobs: bool = True) -> str:
+        """`shared_blobs` only matters on S3; here every folder holds its own files."""
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -101,6 +106,24 @@ class LocalStore:
         staging.write_bytes(data)
         os.replace(staging, target)
         return str(target)
+
+    def list_complete(self, prefix: str) -> list[str]:
+        """Keys of the complete folders directly under `prefix` (staging and half-deleted ones are hidden)."""
+        parent = self.root / prefix
+        if not parent.is_dir():
+            return []
+        return [f"{prefix}/{p.name}" for p in parent.iterdir()
+                if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+
+    def delete(self, key: str) -> None:
+        """One rename takes the folder out of sight, so no reader finds it half deleted; then it is removed."""
+        target = self.root / key
+        doomed = target.with_name(f".deleting-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, doomed)
+        except FileNotFoundError:  # someone else deleted it first
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def open_store(uri: str) -> Store:

@@ -1,4 +1,9 @@
-"""train: TRL's SFTTrainer over the formatted texts; the adapter goes to the store, metrics come back."""
+"""train: TRL's SFTTrainer over the formatted texts; the adapter goes to the store, metrics come back.
+
+Every `train.save_steps` the trainer writes a checkpoint (adapter, optimizer, scheduler, RNG states, step) and
+it is copied to the store under the train cache key (loraflow/checkpoints.py). A later attempt with the same
+key (a task retry, a flow retry, a rerun after a crash) resumes from the newest complete one.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from loraflow.builders import (
     keep_gradient_checkpointing,
     packing_enabled,
 )
+from loraflow.checkpoints import checkpoint_sync_callback, fetch_latest_checkpoint, new_attempt_id
 from loraflow.config import ModelConfig, TrainSettings
 from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.live_model import LiveModel
@@ -45,6 +51,7 @@ class TrainResult:
     first_step_seconds: float = 0.0  # train() start to the end of step 1: data prep, compilation, warm-up
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     step_tokens: list[int] = field(default_factory=list)  # real (non-pad) tokens of each optimizer step
+    resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
 
     @property
     def steady_tokens_per_second(self) -> float:
@@ -199,22 +206,38 @@ def choose_gradient_checkpointing(live: LiveModel, micro_batch_tokens: int) -> N
 
 
 def train_adapter(
-    live: LiveModel, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str
+    live: LiveModel, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str,
+    checkpoints_prefix: str | None = None,
 ) -> TrainResult:
-    """Train LoRA weights, publish adapter + tokenizer to the store under `adapter_key`, return metrics."""
+    """Train LoRA weights, publish adapter + tokenizer to the store under `adapter_key`, return metrics.
+
+    Checkpoints go to the store under `checkpoints_prefix` as they are written; when one is there already,
+    training resumes from the newest (weights, optimizer, scheduler, RNG, data position, loss history).
+    Without a prefix (benchmarks) nothing is stored or resumed.
+    """
     if live.device == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats()
+    store = open_store(store_uri)
     clock = StepClock(live.device)
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as work:
         trainer = build_trainer(live, prompts, train, model, Path(work), clock)
+        resume = None
+        if checkpoints_prefix:
+            resume = fetch_latest_checkpoint(store, checkpoints_prefix, Path(work) / "resume")
+            trainer.add_callback(checkpoint_sync_callback(store, checkpoints_prefix, new_attempt_id(),
+                                                          train.save_total_limit))
+        resumed_from_step = resume[1] if resume else 0
+        if resume:
+            run_logger().info("train: resuming from the stored checkpoint at step %d", resumed_from_step)
         clock.start()
-        output = train_or_explain_oom(trainer, train, model)
+        output = train_or_explain_oom(trainer, train, model, str(resume[0]) if resume else None)
         runtime = time.perf_counter() - clock.started
         adapter_dir = Path(work) / "adapter"
         live.model.save_pretrained(adapter_dir)
         live.tokenizer.save_pretrained(adapter_dir)
+        # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
         step_seconds, step_tokens = clock.step_seconds(), clock.step_tokens()
         result = TrainResult(
@@ -229,24 +252,26 @@ def train_adapter(
             first_step_seconds=step_seconds[0] if step_seconds else 0.0,
             step_seconds=step_seconds,
             step_tokens=step_tokens,
+            resumed_from_step=resumed_from_step,
         )
         # The metrics travel with the adapter, so a later run that finds it in the store can report them.
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(result), indent=1))
-        result.adapter_uri = adapter_uri = open_store(store_uri).put_folder(adapter_dir, adapter_key)
+        result.adapter_uri = adapter_uri = store.put_folder(adapter_dir, adapter_key)
     run_logger().info(
-        "train: %d steps in %.1f s (step 1: %.1f s), loss %.4f -> %.4f, %.0f real tokens/s overall, %.0f once warm, "
+        "train: %d steps%s in %.1f s (first: %.1f s), loss %.4f -> %.4f, %.0f real tokens/s overall, %.0f once warm, "
         "peak memory %.2f GiB; adapter at %s",
-        result.steps, runtime, result.first_step_seconds, result.loss_first, result.loss_last,
+        result.steps - resumed_from_step, f" ({resumed_from_step + 1}-{result.steps})" if resumed_from_step else "",
+        runtime, result.first_step_seconds, result.loss_first, result.loss_last,
         result.tokens_per_second, result.steady_tokens_per_second, result.peak_memory_bytes / 2**30, adapter_uri,
     )
     return result
 
 
-def train_or_explain_oom(trainer: Any, train: TrainSettings, model: ModelConfig) -> Any:
+def train_or_explain_oom(trainer: Any, train: TrainSettings, model: ModelConfig, resume_from: str | None) -> Any:
     import torch
 
     try:
-        return trainer.train()
+        return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as exc:
         raise TrainingOutOfMemoryError(
             f"CUDA out of memory at train.per_device_batch_size={train.per_device_batch_size} × "
@@ -271,13 +296,15 @@ def train_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 @task(name="train", cache_key_fn=train_cache_key, persist_result=True,
       retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def train_task(
-    live: LiveModel | None, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str
+    live: LiveModel | None, prompts: Prompts, train: TrainSettings, model: ModelConfig, store_uri: str, adapter_key: str,
+    checkpoints_prefix: str,
 ) -> TrainResult:
-    """Fine-tune the LoRA adapters and publish them to the artifact store.
+    """Fine-tune the LoRA adapters, checkpointing to the store, and publish them to the artifact store.
 
     The cached result is the TrainResult (metrics and the adapter's URI), never the model. `live` is None
     when the flow found the adapter already published: then the metrics are read back from the store.
+    A retry (of this task or of the flow) or a rerun after a crash resumes from the newest stored checkpoint.
     """
     if live is None:
         return published_result(store_uri, adapter_key)
-    return train_adapter(live, prompts, train, model, store_uri, adapter_key)
+    return train_adapter(live, prompts, train, model, store_uri, adapter_key, checkpoints_prefix)

@@ -136,7 +136,7 @@ def trained(cfg: FinetuneConfig, prompts: Prompts, tmp_path_factory: pytest.Temp
     base_before = {n: t for n, t in params.items() if "lora_" not in n}
     lora_before = {n: t for n, t in params.items() if "lora_" in n}
     store = tmp_path_factory.mktemp("store")
-    result = train_adapter(live, prompts, cfg.train, cfg.model, str(store), "adapters/test")
+    result = train_adapter(live, prompts, cfg.train, cfg.model, str(store), "adapters/test", "checkpoints/test")
     return Trained(live, result, base_before, lora_before, store)
 
 
