@@ -27,6 +27,7 @@ from tasks.format_prompts import EvalExample, Prompts
 from tasks.load_model import load_model
 
 GENERATION_BATCH = 8
+BASE_ANSWER_SLACK_TOKENS = 8
 INFER_RESULT_VERSION = 2  # in the cache key: a result cached in another shape is never read back
 
 
@@ -102,11 +103,19 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
         return InferResult(answers)
     expected = [e.answer for e in eval_examples]
     scores = score_answers([a.answer for a in answers[: len(eval_examples)]], expected, prompts.labels)
-    base_answers = base_model_answers(live, [e.prompt for e in eval_examples], infer.max_new_tokens)
+    base_tokens = base_answer_tokens(live, prompts.labels, infer)
+    base_answers = base_model_answers(live, [e.prompt for e in eval_examples], base_tokens)
     base_scores = score_answers(base_answers, expected, prompts.labels)
     log.info("smoke-infer: accuracy %.3f on %d eval examples, base model %.3f (labels %s)",
              scores.accuracy, len(eval_examples), base_scores.accuracy, prompts.labels)
     return InferResult(answers, scores, base_scores, base_answers)
+
+
+def base_answer_tokens(live: LiveModel, labels: list[str], infer: InferSettings) -> int:
+    """A base model rarely stops at EOS, and only its answer's first line is scored: it gets the longest label's
+    tokens plus a few (for whitespace before and the newline after), not max_new_tokens of rambling."""
+    longest = max(len(live.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+    return min(infer.max_new_tokens, longest + BASE_ANSWER_SLACK_TOKENS)
 
 
 def base_model_answers(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[str]:
