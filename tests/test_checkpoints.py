@@ -84,6 +84,7 @@ def test_s3_checkpoints_keep_their_own_files_and_deleting_them_spares_shared_blo
     with nanio_server(data) as endpoint:
         for name, value in s3_env(endpoint).items():
             monkeypatch.setenv(name, value)
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the first credentials it found, for good
         client = boto3.client("s3")
         client.create_bucket(Bucket="ckpt")
         store = open_store("s3://ckpt/runs")

@@ -104,6 +104,13 @@ def run_logs(stack: dict, run_id: str) -> str:
     return "\n".join(entry["message"] for entry in logs)
 
 
+def use_stack_s3_here(stack: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's S3 clients (loraflow's store) talk to the stack's bucket, until the test ends."""
+    for name, value in stack["s3_keys"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the first credentials it found, for good
+
+
 def assert_adapter_reloads(out: Path, summary: dict) -> None:
     """The output folder's adapter loads onto the base model and answers the demo prompt as smoke-infer did."""
     from peft import PeftModel
@@ -195,8 +202,7 @@ def test_a_cancelled_run_is_gone_within_30_s_and_leaves_a_usable_checkpoint(
     assert wait_for_state(stack["api"], run_id, set(), timeout=60) == "CANCELLED"
 
     # The newest complete checkpoint downloads whole (sha256-checked) and has all a resume needs.
-    for name, value in stack["s3_keys"].items():
-        monkeypatch.setenv(name, value)
+    use_stack_s3_here(stack, monkeypatch)
     store = open_store(f"s3://{BUCKET}/cancel")
     [train_key] = {key.split("/")[2] for key in bucket_keys(stack, "cancel/checkpoints/")}
     fetched = fetch_latest_checkpoint(store, f"checkpoints/{train_key}", tmp_path / "resume")
@@ -238,8 +244,7 @@ def test_two_concurrent_runs_of_one_config_both_finish_with_a_valid_adapter(
     for out, summary in zip(outs, summaries):
         assert_adapter_reloads(out, summary)
 
-    for name, value in stack["s3_keys"].items():
-        monkeypatch.setenv(name, value)
+    use_stack_s3_here(stack, monkeypatch)
     store = open_store(f"s3://{BUCKET}/concurrent")
     adapter_key = summaries[0]["adapter_uri"].removeprefix(f"s3://{BUCKET}/concurrent/")
     store.get_folder(adapter_key, tmp_path / "published")  # every file there, whole (sha256-checked)
