@@ -47,4 +47,6 @@ def s3_client() -> Any:
         return block.get_boto3_session().client("s3", endpoint_url=endpoint, config=config)
     import boto3
 
-    return boto3.client("s3", config=config)  # boto3 reads AWS_ENDPOINT_URL and the keys itself
+    # A fresh session each time: boto3's default session keeps the first credentials it resolved for the life of
+    # the process, so a key rotated in the environment would never be read. It reads AWS_ENDPOINT_URL and the keys.
+    return boto3.session.Session().client("s3", config=config)
