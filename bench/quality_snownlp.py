@@ -123,9 +123,9 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--work", type=Path, default=ROOT / ".loraflow" / "bench" / "snownlp",
                         help="where the data, store, output and result.json go")
-    parser.add_argument("--eval-size", type=int, default=500, help="held-out examples (accuracy is on all of them)")
+    parser.add_argument("--eval-size", type=int, default=300, help="held-out examples (accuracy is on all of them)")
     parser.add_argument("--train-size", type=int, default=4000, help="training rows written (steps decide how many are seen)")
-    parser.add_argument("--max-chars", type=int, default=64, help="reviews are cut to this many characters")
+    parser.add_argument("--max-chars", type=int, default=48, help="reviews are cut to this many characters")
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="passed on to loraflow run (e.g. train.max_steps=60)")

@@ -30,7 +30,7 @@ from tasks.load_model import load_model_task
 from tasks.merge_model import merge_model_task
 from tasks.push_hub import push_hub_task
 from tasks.save_local import save_local_task, write_summary
-from tasks.smoke_infer import smoke_infer_task
+from tasks.smoke_infer import InferResult, smoke_infer_task
 from tasks.train import train_task
 
 
@@ -98,7 +98,6 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     run_id = flow_run.get_id() or "local"
     loss_curve = loss_curve_png(trained.losses, f"{cfg.model.name}: training loss")
     loss_curve_uri = open_store(cfg.output.store).put_bytes(loss_curve, f"summaries/{run_id}/{LOSS_CURVE_FILE}")
-    base_answers = inferred.base_answers + [None] * (len(inferred.answers) - len(inferred.base_answers))
     summary: dict[str, Any] = {
         "flow_run_id": run_id,
         "backend": backend,
@@ -119,6 +118,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "peak_memory_bytes": trained.peak_memory_bytes,
         "eval_accuracy": inferred.accuracy,
         "base_eval_accuracy": inferred.base_accuracy,
+        "eval_scoring": cfg.infer.label_scoring if inferred.scores else None,
+        "eval_accuracy_greedy": inferred.greedy_accuracy,
         "eval_per_label": inferred.scores.as_dict() if inferred.scores else None,
         "base_eval_per_label": inferred.base_scores.as_dict() if inferred.base_scores else None,
         "quality_gate": {
@@ -127,10 +128,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
             "failures": gate_failures(cfg.hub, inferred.accuracy, inferred.base_accuracy),
         },
         "labels": prompts.labels,
-        "smoke_answers": [
-            {"instruction": a.instruction, "input": a.input, "answer": a.answer, "expected": a.expected, "base_answer": b}
-            for a, b in zip(inferred.answers, base_answers)
-        ],
+        "smoke_answers": smoke_answer_rows(inferred),
         "loss_curve_uri": link_to(loss_curve_uri),
         "adapter_uri": trained.adapter_uri,
         "adapter_dir": None,
@@ -150,6 +148,20 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     write_summary(Path(output_dir), summary)
     summary["summary_uri"] = publish_summary(cfg.output.store, summary)
     return summary
+
+
+def smoke_answer_rows(inferred: InferResult) -> list[dict[str, Any]]:
+    """One row per answer: the greedy text, and for scored eval examples the label each model counted as."""
+    def per_answer(values: list) -> list:  # infer.prompts come after the eval examples and are not scored
+        return values + [None] * (len(inferred.answers) - len(values))
+
+    return [
+        {"instruction": a.instruction, "input": a.input, "answer": a.answer, "expected": a.expected,
+         "label": label, "base_label": base_label, "base_answer": base_answer}
+        for a, label, base_label, base_answer in zip(
+            inferred.answers, per_answer(inferred.scored_labels), per_answer(inferred.base_scored_labels),
+            per_answer(inferred.base_answers))
+    ]
 
 
 def publish_summary(store_uri: str, summary: dict[str, Any]) -> str:

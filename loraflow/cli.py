@@ -75,7 +75,8 @@ def print_result(summary: dict[str, Any]) -> None:
         print(f"  {item['input'] or '-'} -> {item['answer']}{expected}")
     if summary["eval_accuracy"] is not None:
         print(f"eval accuracy: {summary['eval_accuracy']:.3f} on {summary['num_eval_examples']} held-out examples "
-              f"(base model: {summary['base_eval_accuracy']:.3f})")
+              f"(base model: {summary['base_eval_accuracy']:.3f}; {summary['eval_scoring']} scoring; "
+              f"greedy answers: {summary['eval_accuracy_greedy']:.3f})")
     print(f"train loss: {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f} "
           f"in {summary['train_steps']} steps")
     print(f"adapter saved to: {summary['adapter_dir']}")

@@ -131,6 +131,11 @@ class InferSettings(Section):
     prompts: list[InferPrompt] = Field(default_factory=list)
     max_new_tokens: int = Field(64, gt=0)
     max_eval_examples: int = Field(64, ge=0, description="How many eval rows smoke-infer generates for.")
+    label_scoring: Literal["likelihood", "greedy"] = Field(
+        "likelihood",
+        description="How accuracy on a closed label set is scored, for both models alike: `likelihood` = the label "
+        "(then EOS) the model finds most likely after the prompt; `greedy` = the first line of the greedy answer.",
+    )
 
 
 GGUF_UNAVAILABLE = (

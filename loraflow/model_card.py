@@ -80,7 +80,9 @@ def render_accuracy(summary: dict[str, Any]) -> str:
     ]
     return "\n".join([
         f"Eval accuracy on {sum(s['support'] for s in summary['eval_per_label'].values())} held-out examples: "
-        f"**{number(summary['eval_accuracy'])}** fine-tuned, {number(summary['base_eval_accuracy'])} base model.",
+        f"**{number(summary['eval_accuracy'])}** fine-tuned, {number(summary['base_eval_accuracy'])} base model "
+        f"({summary['eval_scoring']} scoring; the fine-tuned model's greedy answers: "
+        f"{number(summary['eval_accuracy_greedy'])}).",
         "",
         "| label | eval examples | precision | recall | base precision | base recall |",
         "|---|---|---|---|---|---|",

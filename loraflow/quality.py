@@ -1,8 +1,9 @@
 """How good is the adapter: accuracy and per-label precision/recall on a closed label set, and the gate before push.
 
-An answer counts as label L when its first line, stripped, is exactly L. The fine-tuned model stops at EOS
-after the label; a base model that was never taught to stop may go on after a newline, and the first-line
-rule scores both models by the same standard.
+Scores are computed from the label each eval example counted as (tasks/smoke_infer.py decides that: the
+likeliest label, or the label a greedy answer gives). A greedy answer gives label L when its first line,
+stripped, is exactly L: the fine-tuned model stops at EOS after the label; a base model that was never taught
+to stop may go on after a newline, and the first-line rule reads both the same way.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def answer_label(answer: str, labels: list[str]) -> str | None:
 
 
 def score_answers(answers: list[str], expected: list[str], labels: list[str]) -> EvalScores:
-    """Accuracy = right answers / all; per label, precision = right / answered L, recall = right / expected L."""
-    given = [answer_label(a, labels) for a in answers]
+    """Free-text answers, each read by the first-line rule, then scored."""
+    return score_labels([answer_label(a, labels) for a in answers], expected, labels)
+
+
+def score_labels(given: list[str | None], expected: list[str], labels: list[str]) -> EvalScores:
+    """Accuracy = right labels / all; per label, precision = right / gave L, recall = right / expected L."""
     per_label = {
         label: LabelScore(
             support=sum(e == label for e in expected),

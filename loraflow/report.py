@@ -13,6 +13,10 @@ from typing import Any
 LOSS_CURVE_FILE = "loss_curve.png"
 METRICS_ARTIFACT_KEY = "finetune-metrics"
 REPORT_ARTIFACT_KEY = "finetune-report"
+SCORING_WORDS = {  # infer.label_scoring
+    "likelihood": "likelihood: the label (then EOS) each model finds most likely after the prompt",
+    "greedy": "greedy answers: the first line of each model's answer must be the label",
+}
 
 
 def loss_curve_png(losses: list[tuple[int, float]], title: str) -> bytes:
@@ -58,6 +62,7 @@ def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
         {"metric": "eval examples", "value": summary["num_eval_examples"]},
         {"metric": "eval accuracy, fine-tuned", "value": rounded(summary["eval_accuracy"])},
         {"metric": "eval accuracy, base model", "value": rounded(summary["base_eval_accuracy"])},
+        {"metric": "eval accuracy, greedy answers", "value": rounded(summary["eval_accuracy_greedy"])},
         {"metric": "quality gate", "value": gate_verdict(summary)},
     ]
 
@@ -97,6 +102,9 @@ def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
             "|---|---|---|",
             f"| accuracy | {cell(summary['eval_accuracy'])} | {cell(summary['base_eval_accuracy'])} |",
             "",
+            f"Scored by {SCORING_WORDS[summary['eval_scoring']]}. The fine-tuned model's greedy answers alone: "
+            f"{cell(summary['eval_accuracy_greedy'])}.",
+            "",
             "| label | eval examples | precision | recall | base precision | base recall |",
             "|---|---|---|---|---|---|",
         ]
@@ -107,10 +115,11 @@ def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
                 f"| {cell(base[label]['precision'])} | {cell(base[label]['recall'])} |"
             )
     lines += ["", f"Quality gate: {gate_verdict(summary)}.", "", "## Smoke-infer answers", "",
-              "| input | expected | fine-tuned | base model |", "|---|---|---|---|"]
+              "| input | expected | fine-tuned (greedy) | scored as | base model |", "|---|---|---|---|---|"]
     for item in summary["smoke_answers"]:
+        base = item["base_answer"] if item["base_answer"] is not None else item["base_label"]
         lines.append(f"| {cell(item['input'] or item['instruction'])} | {cell(item['expected'])} "
-                     f"| {cell(item['answer'])} | {cell(item['base_answer'])} |")
+                     f"| {cell(item['answer'])} | {cell(item['label'])} | {cell(base)} |")
     return "\n".join(lines) + "\n"
 
 

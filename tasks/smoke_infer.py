@@ -2,8 +2,13 @@
 
 A run whose answers are empty, or never reach EOS within max_new_tokens, fails here: such an adapter
 has not learnt the format, and pushing it would only hide that. When the eval outputs form a closed label
-set, the base model answers the same eval prompts too (the adapter switched off, no second load), so the
-run can say how much the fine-tuning moved accuracy.
+set, the fine-tuned model and the base model (the adapter switched off, no second load) are scored on the
+same eval prompts by the same rule, so the run can say how much the fine-tuning moved accuracy:
+- `infer.label_scoring: likelihood` (default): the label whose tokens, then EOS, are most likely after the
+  prompt (lm-eval-harness's multiple-choice accuracy). A base model that was never taught the answer format
+  still gets a fair score instead of 0.
+- `greedy`: the first line of the greedy answer must be the label.
+The fine-tuned model's greedy answers are scored as well (`eval_accuracy_greedy`): what it says unprompted.
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ from loraflow.errors import QualityGateError
 from loraflow.fingerprint import stable_hash
 from loraflow.live_model import LiveModel
 from loraflow.logs import run_logger
-from loraflow.quality import EvalScores, score_answers
+from loraflow.quality import EvalScores, answer_label, score_labels
 from loraflow.retries import retry_transient
 from loraflow.store import open_store
 from tasks.format_prompts import EvalExample, Prompts
 from tasks.load_model import load_model
 
 GENERATION_BATCH = 8
+SCORING_BATCH = 16  # (prompt, label) sequences per forward pass
 BASE_ANSWER_SLACK_TOKENS = 8
-INFER_RESULT_VERSION = 2  # in the cache key: a result cached in another shape is never read back
+INFER_RESULT_VERSION = 3  # in the cache key: a result cached in another shape is never read back
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,10 @@ class InferResult:
     answers: list[Answer]  # the scored eval examples first, then infer.prompts
     scores: EvalScores | None = None  # the fine-tuned model on the eval examples, when they form a closed label set
     base_scores: EvalScores | None = None  # the base model (adapter disabled) on the same examples
-    base_answers: list[str] = field(default_factory=list)  # the base model's answer to each scored eval example
+    scored_labels: list[str | None] = field(default_factory=list)  # the label each scored example counted as
+    base_scored_labels: list[str | None] = field(default_factory=list)  # the same for the base model
+    base_answers: list[str] = field(default_factory=list)  # the base model's greedy answers (greedy scoring only)
+    greedy_scores: EvalScores | None = None  # the fine-tuned model's greedy answers, first line = label
 
     @property
     def accuracy(self) -> float | None:
@@ -54,6 +63,10 @@ class InferResult:
     @property
     def base_accuracy(self) -> float | None:
         return self.base_scores.accuracy if self.base_scores else None
+
+    @property
+    def greedy_accuracy(self) -> float | None:
+        return self.greedy_scores.accuracy if self.greedy_scores else None
 
 
 def generate(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
@@ -101,14 +114,68 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
         )
     if not prompts.labels or not eval_examples:
         return InferResult(answers)
-    expected = [e.answer for e in eval_examples]
-    scores = score_answers([a.answer for a in answers[: len(eval_examples)]], expected, prompts.labels)
-    base_tokens = base_answer_tokens(live, prompts.labels, infer)
-    base_answers = base_model_answers(live, [e.prompt for e in eval_examples], base_tokens)
-    base_scores = score_answers(base_answers, expected, prompts.labels)
-    log.info("smoke-infer: accuracy %.3f on %d eval examples, base model %.3f (labels %s)",
-             scores.accuracy, len(eval_examples), base_scores.accuracy, prompts.labels)
-    return InferResult(answers, scores, base_scores, base_answers)
+    result = score_eval_examples(live, eval_examples, answers[: len(eval_examples)], prompts.labels, infer)
+    log.info("smoke-infer: accuracy %.3f on %d eval examples, base model %.3f (%s scoring; greedy answers %.3f; "
+             "labels %s)", result.accuracy, len(eval_examples), result.base_accuracy, infer.label_scoring,
+             result.greedy_accuracy, prompts.labels)
+    return result
+
+
+def score_eval_examples(
+    live: LiveModel, examples: list[EvalExample], answers: list[Answer], labels: list[str], infer: InferSettings
+) -> InferResult:
+    """Both models on the eval examples, by infer.label_scoring; the fine-tuned model's greedy answers too."""
+    expected = [e.answer for e in examples]
+    greedy_labels = [answer_label(a.answer, labels) for a in answers]
+    greedy_scores = score_labels(greedy_labels, expected, labels)
+    texts = [e.prompt for e in examples]
+    if infer.label_scoring == "greedy":
+        base_answers = base_model_answers(live, texts, base_answer_tokens(live, labels, infer))
+        base_labels = [answer_label(a, labels) for a in base_answers]
+        return InferResult(answers, greedy_scores, score_labels(base_labels, expected, labels), greedy_labels,
+                           base_labels, base_answers, greedy_scores)
+    chosen = likeliest_labels(live, texts, labels)
+    with live.model.disable_adapter():  # PEFT skips the LoRA layers in place
+        base_chosen = likeliest_labels(live, texts, labels)
+    return InferResult(answers, score_labels(chosen, expected, labels), score_labels(base_chosen, expected, labels),
+                       chosen, base_chosen, [], greedy_scores)
+
+
+def likeliest_labels(live: LiveModel, texts: list[str], labels: list[str]) -> list[str]:
+    """Per prompt, the label with the highest log p(label tokens, EOS | prompt)."""
+    scores = label_log_likelihoods(live, texts, labels)
+    return [max(zip(row, labels))[1] for row in scores]
+
+
+def label_log_likelihoods(live: LiveModel, texts: list[str], labels: list[str]) -> list[list[float]]:
+    """log p(label + EOS | prompt) for every prompt and label, summed over the label's tokens and the EOS.
+
+    Each (prompt, label) pair is one right-padded row; the prompt and the label are tokenized apart, as
+    generation would see them (it starts from the prompt's tokens).
+    """
+    import torch
+
+    tokenizer, model = live.tokenizer, live.model
+    completions = [tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for label in labels]
+    pairs = [(tokenizer(text, add_special_tokens=False)["input_ids"], completion)
+             for text in texts for completion in completions]
+    flat: list[float] = []
+    for start in range(0, len(pairs), SCORING_BATCH):
+        chunk = pairs[start : start + SCORING_BATCH]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (prompt, completion) in enumerate(chunk):
+            ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            mask[row, : len(prompt) + len(completion)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, (prompt, completion) in enumerate(chunk):
+            # the logits at position i predict token i + 1: the completion's tokens are predicted from len(prompt) - 1 on
+            predicting = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(completion)].float()
+            log_probs = torch.log_softmax(predicting, dim=-1)
+            flat.append(float(log_probs.gather(1, torch.tensor(completion, device=log_probs.device)[:, None]).sum()))
+    return [flat[i * len(labels) : (i + 1) * len(labels)] for i in range(len(texts))]
 
 
 def base_answer_tokens(live: LiveModel, labels: list[str], infer: InferSettings) -> int:

@@ -25,13 +25,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One run with the gate on (beat the base model: the random tiny base scores 0) that passes and pushes."""
+    """One run with the gate on that passes and pushes: hub.min_eval_accuracy 0.3, under the tiny config's ~0.56
+    (the random tiny base model scores near chance, so beating it by a margin is not something 9 eval rows show)."""
     work = tmp_path_factory.mktemp("artifacts")
     with HubStandIn() as hub:
         result = run_cli(
             "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
             "--set", f"output.store={work / 'store'}", "--set", f"hub.repo_id={REPO}",
-            "--set", "hub.require_beat_base=true",
+            "--set", "hub.min_eval_accuracy=0.3",
             env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -95,29 +96,33 @@ def test_terminal_shows_a_progress_bar_with_loss_and_tokens_per_second(run: dict
 
 
 def test_accuracy_and_per_label_scores_follow_from_the_answers(run: dict) -> None:
-    """Recompute accuracy, precision and recall from the answers in summary.json, for both models."""
+    """Recompute accuracy, precision and recall from the labels in summary.json, for both models and greedy."""
     summary = run["summary"]
+    assert summary["eval_scoring"] == "likelihood"
     scored = [a for a in summary["smoke_answers"] if a["expected"] is not None]
     assert len(scored) == summary["num_eval_examples"]
-    for model, answer_key, accuracy_key, per_label_key in (
-        ("fine-tuned", "answer", "eval_accuracy", "eval_per_label"),
-        ("base", "base_answer", "base_eval_accuracy", "base_eval_per_label"),
+    for item in scored:  # likelihood scoring always picks one of the labels
+        assert item["label"] in summary["labels"] and item["base_label"] in summary["labels"]
+    for model, given, accuracy_key, per_label_key in (
+        ("fine-tuned", [a["label"] for a in scored], "eval_accuracy", "eval_per_label"),
+        ("base", [a["base_label"] for a in scored], "base_eval_accuracy", "base_eval_per_label"),
+        ("greedy", [a["answer"].strip().split("\n")[0].strip() for a in scored], "eval_accuracy_greedy", None),
     ):
-        given = [a[answer_key].strip().split("\n")[0].strip() for a in scored]
         expected = [a["expected"] for a in scored]
         assert summary[accuracy_key] == pytest.approx(sum(g == e for g, e in zip(given, expected)) / len(scored)), model
-        for label, scores in summary[per_label_key].items():
+        per_label = summary[per_label_key] if per_label_key else {}
+        for label, scores in per_label.items():
             said = sum(g == label for g in given)
             right = sum(g == e == label for g, e in zip(given, expected))
             assert scores["support"] == expected.count(label)
             assert scores["precision"] == (pytest.approx(right / said) if said else None), (model, label)
             assert scores["recall"] == (pytest.approx(right / expected.count(label)) if expected.count(label) else None)
-    assert summary["eval_accuracy"] > summary["base_eval_accuracy"]  # what let the gate pass
+    assert summary["eval_accuracy"] >= 0.3  # what let the gate pass
 
 
 def test_passing_gate_pushes_the_card_with_both_accuracies_and_the_curve(run: dict) -> None:
     summary = run["summary"]
-    assert summary["quality_gate"] == {"min_eval_accuracy": None, "require_beat_base": True, "failures": []}
+    assert summary["quality_gate"] == {"min_eval_accuracy": 0.3, "require_beat_base": False, "failures": []}
     assert summary["hub_url"].endswith(REPO)
     files = run["hub"].files[REPO]
     assert files[LOSS_CURVE_FILE] == (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()

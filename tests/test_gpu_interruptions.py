@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def test_a_terminated_gpu_run_frees_the_gpu_and_the_rerun_resumes(tmp_path: Path
             break
     # (GPU memory, not nvidia-smi's process list: inside a container that list often shows no PIDs)
     assert process.poll() is None and used_during > baseline + 100, "".join(lines)[-5000:]
+    # Keep reading its output: a process whose stdout pipe is full blocks on its next log line and cannot exit.
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
     group = process.pid
     terminated_at = time.monotonic()
     os.killpg(group, signal.SIGTERM)
@@ -55,7 +58,6 @@ def test_a_terminated_gpu_run_frees_the_gpu_and_the_rerun_resumes(tmp_path: Path
     except subprocess.TimeoutExpired:
         os.killpg(group, signal.SIGKILL)  # what Prefect does after its 30 s of grace
         process.wait(timeout=30)
-    process.stdout.close()
     gone_after = time.monotonic() - terminated_at
     time.sleep(2)  # the driver reclaims a dead process's memory as it is reaped
     used_after = gpu_memory_used_mib()

@@ -115,6 +115,44 @@ def test_base_answers_are_the_base_models_answers() -> None:
     assert base_model_answers(live, prompts, 8) == plain_answers
 
 
+def test_label_likelihoods_match_one_sequence_at_a_time_and_the_base_model() -> None:
+    """Batched, right-padded scoring gives each (prompt, label) the log-probability of the label's tokens and EOS
+    that the sequence alone gives; with the adapter disabled, the plain base model's numbers."""
+    from tasks.attach_lora import attach_lora
+    from tasks.load_model import load_model
+    from tasks.smoke_infer import label_log_likelihoods, likeliest_labels
+
+    cfg = load_config(TINY_CONFIG)
+    prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了，再也不来", "会议在三点开始")]
+    labels = ["消极", "积极", "中性的看法"]  # labels of different token lengths: rows of different widths
+    plain = load_model(cfg.model)
+    plain_scores = label_log_likelihoods(plain, prompts, labels)
+    tokenizer = plain.tokenizer
+    for prompt, row in zip(prompts, plain_scores):
+        for label, score in zip(labels, row):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            completion = tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = plain.model(input_ids=torch.tensor([prompt_ids + completion])).logits[0]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            alone = sum(float(log_probs[len(prompt_ids) - 1 + i, token]) for i, token in enumerate(completion))
+            assert score == pytest.approx(alone, abs=1e-4), (prompt, label)
+    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in live.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1.0)
+    live.model.eval()
+    plain_flat = [score for row in plain_scores for score in row]
+    adapted = [score for row in label_log_likelihoods(live, prompts, labels) for score in row]
+    assert adapted != pytest.approx(plain_flat, abs=1e-3)
+    with live.model.disable_adapter():
+        disabled = [score for row in label_log_likelihoods(live, prompts, labels) for score in row]
+    assert disabled == pytest.approx(plain_flat, abs=1e-4)
+    assert likeliest_labels(plain, prompts, labels) == [labels[max(range(3), key=row.__getitem__)] for row in plain_scores]
+
+
 # --- end to end: a run whose adapter misses the gate ---------------------------------------------------------------
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from loraflow.builders import activation_bytes, batch_layout, keep_gradient_checkpointing
+import pytest
+
+from loraflow.builders import activation_bytes, batch_layout, cuda_available, keep_gradient_checkpointing
 from loraflow.config import ModelConfig, TrainSettings
 
 NOTEBOOK = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, max_steps=60)
@@ -61,3 +63,15 @@ def test_long_batches_or_small_gpus_keep_checkpointing() -> None:
     assert keep_gradient_checkpointing(LLAMA3_8B, 4 * 2048, 133 * GiB)
     # a 24 GB card with the 8B weights loaded (~17 GiB free): even the short rows keep it
     assert keep_gradient_checkpointing(LLAMA3_8B, 2416, 17 * GiB)
+
+
+@pytest.mark.skipif(cuda_available(), reason="the CPU's choice; a CUDA box keeps TRL's default")
+def test_cpu_trainer_computes_the_loss_without_chunked_recompute(tmp_path) -> None:
+    """On a CPU (this suite's machine) the SFT config asks for the plain loss: TRL's chunked default recomputes
+    the lm_head under checkpointing, ~40 % slower a step here; padded rows, no TRL bin-packing."""
+    import torch
+
+    from loraflow.builders import build_sft_config
+
+    config = build_sft_config(NOTEBOOK, MODEL, "transformers", torch.float32, tmp_path, packing=False)
+    assert config.loss_type == "nll" and config.use_cpu and not config.packing and not config.padding_free
