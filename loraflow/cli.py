@@ -99,7 +99,9 @@ def run_command(args: argparse.Namespace) -> int:
         fail(EXIT_FAILED, str(exc))
 
     from flows.finetune import finetune
+    from loraflow.temporary_server import start_temporary_server_in_own_session
 
+    start_temporary_server_in_own_session()  # a Ctrl-C / SIGTERM to this run must not take its API server first
     state = finetune(config=cfg, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
