@@ -114,7 +114,7 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
         )
     if not prompts.labels or not eval_examples:
         return InferResult(answers)
-    result = score_eval_examples(live, eval_examples, answers[: len(eval_examples)], prompts.labels, infer)
+    result = score_eval_examples(live, eval_examples, answers, prompts.labels, infer)
     log.info("smoke-infer: accuracy %.3f on %d eval examples, base model %.3f (%s scoring; greedy answers %.3f; "
              "labels %s)", result.accuracy, len(eval_examples), result.base_accuracy, infer.label_scoring,
              result.greedy_accuracy, prompts.labels)
@@ -124,9 +124,11 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
 def score_eval_examples(
     live: LiveModel, examples: list[EvalExample], answers: list[Answer], labels: list[str], infer: InferSettings
 ) -> InferResult:
-    """Both models on the eval examples, by infer.label_scoring; the fine-tuned model's greedy answers too."""
+    """Both models on the eval examples, by infer.label_scoring; the fine-tuned model's greedy answers too.
+
+    `answers` are all of them, the eval examples' first (then infer.prompts', which are not scored)."""
     expected = [e.answer for e in examples]
-    greedy_labels = [answer_label(a.answer, labels) for a in answers]
+    greedy_labels = [answer_label(a.answer, labels) for a in answers[: len(examples)]]
     greedy_scores = score_labels(greedy_labels, expected, labels)
     texts = [e.prompt for e in examples]
     if infer.label_scoring == "greedy":

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.config import HubSettings, load_config
+from loraflow.config import FinetuneConfig, HubSettings, load_config
 from loraflow.errors import ConfigError, QualityGateError
+from loraflow.live_model import LiveModel
 from loraflow.quality import check_gate_measurable, check_quality_gate, gate_failures, score_answers
 from tasks.format_prompts import closed_label_set
 from tasks.push_hub import push_hub
@@ -93,17 +94,11 @@ def test_failing_gate_sends_no_request_to_the_hub(tmp_path: Path) -> None:
     check_quality_gate(hub_settings, 0.8, 0.3, str(tmp_path))  # at the threshold passes
 
 
-def test_base_answers_are_the_base_models_answers() -> None:
-    """smoke-infer scores the base model with the adapter disabled in place: the same answers as a base model
-    that never had an adapter, although the adapter (non-zero lora_B) changes the answers."""
+def adapter_that_changes_outputs(cfg: FinetuneConfig) -> LiveModel:
+    """The tiny model with a LoRA adapter whose lora_B is non-zero (a fresh one is all zeros: no change at all)."""
     from tasks.attach_lora import attach_lora
     from tasks.load_model import load_model
-    from tasks.smoke_infer import base_model_answers, generate
 
-    cfg = load_config(TINY_CONFIG)
-    prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了", "会议在三点开始")]
-    plain = load_model(cfg.model)
-    plain_answers = [text for text, _ in generate(plain, prompts, 8)]
     live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -111,6 +106,20 @@ def test_base_answers_are_the_base_models_answers() -> None:
             if "lora_B" in name:
                 parameter.normal_(std=1.0)
     live.model.eval()
+    return live
+
+
+def test_base_answers_are_the_base_models_answers() -> None:
+    """smoke-infer scores the base model with the adapter disabled in place: the same answers as a base model
+    that never had an adapter, although the adapter (non-zero lora_B) changes the answers."""
+    from tasks.load_model import load_model
+    from tasks.smoke_infer import base_model_answers, generate
+
+    cfg = load_config(TINY_CONFIG)
+    prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了", "会议在三点开始")]
+    plain = load_model(cfg.model)
+    plain_answers = [text for text, _ in generate(plain, prompts, 8)]
+    live = adapter_that_changes_outputs(cfg)
     assert [text for text, _ in generate(live, prompts, 8)] != plain_answers
     assert base_model_answers(live, prompts, 8) == plain_answers
 
@@ -119,7 +128,6 @@ def test_label_likelihoods_match_one_sequence_at_a_time_and_the_base_model() -> 
     """Batched scoring gives each (prompt, label) the log-probability of the label's tokens and EOS that the
     sequence alone gives, both ways (prompts once with a shared cache, the transformers path; one padded row per
     pair, the Unsloth path); with the adapter disabled, the plain base model's numbers."""
-    from tasks.attach_lora import attach_lora
     from tasks.load_model import load_model
     from tasks.smoke_infer import label_log_likelihoods, likeliest_labels, whole_row_log_likelihoods
 
@@ -139,13 +147,7 @@ def test_label_likelihoods_match_one_sequence_at_a_time_and_the_base_model() -> 
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             alone = sum(float(log_probs[len(ids) - 1 + i, token]) for i, token in enumerate(completion))
             assert shared == pytest.approx(alone, abs=1e-3) and whole == pytest.approx(alone, abs=1e-3)
-    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in live.model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=1.0)
-    live.model.eval()
+    live = adapter_that_changes_outputs(cfg)
     plain_flat = [score for row in plain_scores for score in row]
     adapted = [score for row in label_log_likelihoods(live, prompts, labels) for score in row]
     assert adapted != pytest.approx(plain_flat, abs=1e-3)
