@@ -139,6 +139,18 @@ def keep_gradient_checkpointing(hf_config: Any, micro_batch_tokens: int, free_gp
     return activation_bytes(hf_config, micro_batch_tokens) > free_gpu_bytes // 4
 
 
+def sft_loss_type(backend: str, on_cuda: bool) -> str:
+    """How TRL computes the loss: its own chunked head ("chunked_nll", TRL 1.14's default) or the model's ("nll").
+
+    - Unsloth: "nll", so the loss is Unsloth's fused cross-entropy. TRL's chunked head bypasses the model's forward
+      (Unsloth pins "nll" as the default itself, but any explicit value, None included, overrides that pin).
+    - transformers on a GPU: TRL's chunked head; it never holds the logits of a 128k vocabulary at once.
+    - a CPU: "nll"; memory is plentiful and the chunked recompute is not free: 7.4 s against 5.3 s a step for
+      SmolLM2-135M, batch 8 × ~90 tokens, on this workplace's 2 cores.
+    """
+    return "chunked_nll" if on_cuda and backend == "transformers" else "nll"
+
+
 def build_sft_config(
     train: TrainSettings,
     model_cfg: ModelConfig,
@@ -179,10 +191,7 @@ def build_sft_config(
         max_length=layout.row_tokens,
         dataset_text_field="text",
         completion_only_loss=train.completion_only_loss,
-        # TRL's default "chunked_nll" recomputes the lm_head in chunks under checkpointing to save activation memory
-        # (worth it on a GPU with a 128k vocabulary); on a CPU memory is plentiful and the recompute is not free:
-        # measured 7.4 s against 5.3 s a step for SmolLM2-135M, batch 8 × ~90 tokens, on this workplace's 2 cores.
-        loss_type=None if on_cuda else "nll",
+        loss_type=sft_loss_type(backend, on_cuda),
         # Packing = padding-free rows: each micro-batch's examples concatenated into one row, position ids restarting
         # at every example, which Unsloth's and flash-attention's variable-length attention keep apart. Not TRL's
         # `packing` (bin-packing into max_length rows): 16 rows of 2,048 tokens per step would train the notebook's

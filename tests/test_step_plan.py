@@ -75,3 +75,11 @@ def test_cpu_trainer_computes_the_loss_without_chunked_recompute(tmp_path) -> No
 
     config = build_sft_config(NOTEBOOK, MODEL, "transformers", torch.float32, tmp_path, packing=False)
     assert config.loss_type == "nll" and config.use_cpu and not config.packing and not config.padding_free
+
+
+def test_the_loss_is_unsloths_fused_one_on_unsloth_and_trls_chunked_one_on_a_transformers_gpu() -> None:
+    from loraflow.builders import sft_loss_type
+
+    assert sft_loss_type("unsloth", on_cuda=True) == "nll"  # an explicit chunked_nll/None skips Unsloth's fused CE
+    assert sft_loss_type("transformers", on_cuda=True) == "chunked_nll"
+    assert sft_loss_type("transformers", on_cuda=False) == "nll"
