@@ -141,7 +141,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     (Path(output_dir) / LOSS_CURVE_FILE).write_bytes(loss_curve)
     if cfg.output.save_merged:
         summary["merged_dir"] = merge_model_task(cfg.model, cfg.output.store, key, output_dir)
-    publish_run_artifacts(summary, output_dir)  # before the push: a run the gate stops still shows its numbers
+    publish_run_artifacts(summary, output_dir, loss_curve)  # before the push: a run the gate stops still shows its numbers
     hub_url = push_hub_task(output_dir, cfg.hub, inferred.accuracy, inferred.base_accuracy)
 
     summary.update(adapter_dir=output_dir, hub_url=hub_url, duration_seconds=round(time.time() - started, 2))

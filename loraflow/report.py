@@ -6,6 +6,7 @@ push-hub, so a run that the quality gate stops still shows its numbers.
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,12 @@ def cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ⏎ ") or "(empty)"
 
 
-def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
+def inline_png(png: bytes) -> str:
+    """A PNG as a data URI: the Prefect UI renders it whatever the store (a browser opens no s3:// or file:// link)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def report_markdown(summary: dict[str, Any], output_dir: str, loss_curve: bytes) -> str:
     curve = summary["loss_curve_uri"]
     lines = [
         f"# Fine-tune of `{summary['model']}`",
@@ -87,7 +93,7 @@ def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
         "",
         "## Loss curve",
         "",
-        f"![training loss]({curve})",
+        f"![training loss]({inline_png(loss_curve)})",
         "",
         f"PNG in the store: [{curve}]({curve}); in the output folder: `{Path(output_dir) / LOSS_CURVE_FILE}`.",
         "",
@@ -123,11 +129,11 @@ def report_markdown(summary: dict[str, Any], output_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_run_artifacts(summary: dict[str, Any], output_dir: str) -> None:
-    """The metrics table and the markdown report, attached to the current flow run."""
+def publish_run_artifacts(summary: dict[str, Any], output_dir: str, loss_curve: bytes) -> None:
+    """The metrics table and the markdown report (the loss curve inline), attached to the current flow run."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     create_table_artifact(metrics_table(summary), key=METRICS_ARTIFACT_KEY,
                           description=f"loraflow: metrics of the fine-tune of {summary['model']}")
-    create_markdown_artifact(report_markdown(summary, output_dir), key=REPORT_ARTIFACT_KEY,
+    create_markdown_artifact(report_markdown(summary, output_dir, loss_curve), key=REPORT_ARTIFACT_KEY,
                              description=f"loraflow: loss curve, accuracy and answers of {summary['model']}")

@@ -3,6 +3,7 @@ against the base model, read back through Prefect's client from one real run of 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -63,10 +64,14 @@ def test_report_links_the_loss_curve_and_lists_every_answer(run: dict) -> None:
     assert report.type == "markdown"
     summary = run["summary"]
     curve_uri = summary["loss_curve_uri"]
-    assert f"![training loss]({curve_uri})" in report.data
+    png = (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()
+    # shown inline (the UI renders a data URI from any store), and linked where it is stored
+    inline = re.search(r"!\[training loss\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
+    assert inline and base64.b64decode(inline.group(1)) == png
+    assert f"[{curve_uri}]({curve_uri})" in report.data
     stored = Path(urlparse(curve_uri).path)
     assert stored.is_relative_to(run["work"] / "store")  # in the store, next to the run's summary
-    assert stored.read_bytes() == (run["work"] / "out" / LOSS_CURVE_FILE).read_bytes()
+    assert stored.read_bytes() == png
     assert f"| accuracy | {summary['eval_accuracy']:.3f} | {summary['base_eval_accuracy']:.3f} |" in report.data
     for item in summary["smoke_answers"]:
         assert f"| {item['input']} |" in report.data and f"| {item['answer']} |" in report.data
