@@ -89,6 +89,7 @@ def print_result(summary: dict[str, Any]) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from loraflow.config import load_config
     from loraflow.errors import LoraflowInputError, StoreUnavailableError
+    from loraflow.retries import is_transient
 
     try:
         cfg = load_config(args.config, overrides_from(args))
@@ -97,6 +98,10 @@ def run_command(args: argparse.Namespace) -> int:
         fail(EXIT_INPUT, str(exc))
     except StoreUnavailableError as exc:
         fail(EXIT_FAILED, str(exc))
+    except Exception as exc:
+        if not is_transient(exc):
+            raise  # a bug: the traceback is the useful report
+        fail(EXIT_FAILED, str(exc))  # the network failed while reading the input (the dataset's endpoint is down)
 
     from flows.finetune import finetune
     from loraflow.temporary_server import start_temporary_server_in_own_session

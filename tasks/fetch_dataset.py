@@ -74,16 +74,32 @@ def read_local(path: str) -> bytes:
 
 
 def read_s3(uri: str) -> bytes:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
     from loraflow.s3 import s3_client, split_s3_uri
+    from loraflow.s3_store import CREDENTIAL_ERRORS
 
     bucket, key = split_s3_uri(uri)
     client = s3_client()
+    endpoint = client.meta.endpoint_url
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except client.exceptions.NoSuchKey:
-        raise DatasetError(f"{uri}: no such object") from None
+        raise DatasetError(f"{uri}: no such object at S3 endpoint {endpoint}") from None
     except client.exceptions.NoSuchBucket:
-        raise DatasetError(f"{uri}: no such bucket {bucket!r}") from None
+        raise DatasetError(f"{uri}: no such bucket {bucket!r} at S3 endpoint {endpoint}") from None
+    except NoCredentialsError:
+        raise DatasetError(f"{uri}: no AWS credentials to read it: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                           "or LORAFLOW_AWS_CREDENTIALS_BLOCK") from None
+    except EndpointConnectionError as exc:
+        # still a ConnectionError, so the task retries it; the CLI prints it as one line
+        raise ConnectionError(f"{uri}: cannot reach S3 endpoint {endpoint}: {exc}") from None
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code"))
+        if code in CREDENTIAL_ERRORS:
+            raise DatasetError(f"{uri}: S3 endpoint {endpoint} refused to read it ({code}); check AWS_ACCESS_KEY_ID / "
+                               "AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
+        raise
 
 
 def read_http(url: str) -> bytes:
@@ -98,11 +114,19 @@ def read_http(url: str) -> bytes:
 
 
 def read_hub_dataset(dataset_id: str) -> Dataset:
+    """`owner/name` that is no local path: a Hugging Face Hub dataset (or a mistyped path: both are said)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DatasetError(f"{dataset_id}: not a local file, and the Hub is offline (HF_HUB_OFFLINE=1)")
+        raise DatasetError(f"{dataset_id}: no such file, and as a Hub dataset id it cannot be fetched: the Hub is "
+                           "offline (HF_HUB_OFFLINE=1)")
     import datasets
 
-    loaded = datasets.load_dataset(dataset_id, split="train")
+    try:
+        loaded = datasets.load_dataset(dataset_id, split="train")
+    except FileNotFoundError:  # datasets' DatasetNotFoundError: the Hub answered, there is no such dataset
+        raise DatasetError(f"{dataset_id}: no such file, and no such dataset on the Hugging Face Hub") from None
+    except ConnectionError as exc:  # still a ConnectionError, so the task retries it; the CLI prints one line
+        raise ConnectionError(f"{dataset_id}: no such file, and the Hugging Face Hub could not be reached to fetch "
+                              f"a dataset of that name ({exc})") from None
     rows = validate_rows([(f"row {i}", record) for i, record in enumerate(loaded, start=1)], dataset_id)
     canonical = "\n".join(json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows).encode()
     return Dataset(uri=dataset_id, rows=rows, sha256=hashlib.sha256(canonical).hexdigest())

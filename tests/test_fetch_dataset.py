@@ -82,5 +82,33 @@ def test_http_dataset(tmp_path: Path) -> None:
 
 
 def test_hub_id_offline_is_a_clear_error() -> None:
-    with pytest.raises(DatasetError, match="offline"):
+    with pytest.raises(DatasetError, match="no such file, and .* the Hub is offline"):
         fetch_dataset("someone/some-dataset")
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected_type", "expected"),
+    [(FileNotFoundError("Dataset 'data/trian.jsonl' doesn't exist on the Hub"), DatasetError,
+      "no such file, and no such dataset on the Hugging Face Hub"),
+     (ConnectionError("Couldn't reach 'data/trian.jsonl' on the Hub"), ConnectionError,
+      "no such file, and the Hugging Face Hub could not be reached")],
+)
+def test_a_mistyped_path_that_looks_like_a_hub_id_says_both(
+    raised: Exception, expected_type: type, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data/trian.jsonl` is no file, so it is tried as a Hub id: the error must say both. A Hub that cannot be
+    reached stays a ConnectionError (the task retries it); a dataset the Hub does not have is bad input."""
+    import datasets
+
+    from loraflow.retries import is_transient
+
+    def load_dataset(*args: object, **kwargs: object) -> None:  # the answer the Hub would give (no network here)
+        raise raised
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(expected_type, match=expected) as caught:
+        fetch_dataset("data/trian.jsonl")
+    assert str(caught.value).startswith("data/trian.jsonl: ")
+    assert is_transient(caught.value) == (expected_type is ConnectionError)

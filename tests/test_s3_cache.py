@@ -136,3 +136,32 @@ def test_misconfigured_store_fails_clearly(problem: str, expected: str, s3: Any,
     assert "Traceback" not in result.stderr
     assert "not-the-secret" not in result.stderr + result.stdout
     assert not (tmp_path / "c").exists()  # no model was prepared
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [("no-credentials", "no AWS credentials"), ("wrong-secret", "refused to read it (SignatureDoesNotMatch)"),
+     ("missing-object", "no such object"), ("unreachable", "cannot reach S3 endpoint")],
+)
+def test_an_unreadable_s3_dataset_fails_in_one_line_before_anything_starts(
+    problem: str, expected: str, s3: Any, tmp_path: Path
+) -> None:
+    dataset = upload_dataset(s3, json.loads(DEMO_DATA.read_text(encoding="utf-8")), "datasets/readable.json")
+    env = dict(s3["env"])
+    if problem == "no-credentials":  # nothing in the environment, no credentials file, no instance metadata
+        env.update(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                   AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    elif problem == "wrong-secret":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    elif problem == "missing-object":
+        dataset = dataset.replace("readable.json", "never-uploaded.json")
+    else:
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli("run", "--config", str(TINY_CONFIG), "--dataset", dataset, "--output", str(tmp_path / "out"),
+                     "--set", f"output.store={tmp_path / 'store'}", env={**env, "LORAFLOW_CACHE_DIR": str(tmp_path / "c")})
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == (1 if problem == "unreachable" else 2), result.stderr[-3000:]
+    assert last_line.startswith(f"error: {dataset}: ") and expected in last_line
+    assert "Traceback" not in result.stderr
+    assert "not-the-secret" not in result.stderr + result.stdout
+    assert not (tmp_path / "c").exists() and not (tmp_path / "out").exists()  # no model prepared, nothing written
