@@ -66,10 +66,15 @@ def fetch_dataset(uri: str) -> Dataset:
 # --- reading bytes -----------------------------------------------------------------------------------------
 
 
+def no_such_file(path: str) -> str:
+    """A relative path is read from the working directory (not the config's folder): say which one that was."""
+    return f"{path}: no such file" + ("" if Path(path).is_absolute() else f" (relative to {Path.cwd()})")
+
+
 def read_local(path: str) -> bytes:
     file = Path(path)
     if not file.is_file():
-        raise DatasetError(f"{path}: no such file")
+        raise DatasetError(no_such_file(path))
     return file.read_bytes()
 
 
@@ -111,22 +116,24 @@ def read_http(url: str) -> bytes:
         if exc.code >= 500:
             raise  # transient: the task retries it
         raise DatasetError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:  # no answer at all; still a ConnectionError, so the task retries it
+        raise ConnectionError(f"{url}: cannot reach it: {exc.reason}") from None
 
 
 def read_hub_dataset(dataset_id: str) -> Dataset:
     """`owner/name` that is no local path: a Hugging Face Hub dataset (or a mistyped path: both are said)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DatasetError(f"{dataset_id}: no such file, and as a Hub dataset id it cannot be fetched: the Hub is "
-                           "offline (HF_HUB_OFFLINE=1)")
+        raise DatasetError(f"{no_such_file(dataset_id)}, and as a Hub dataset id it cannot be fetched: the Hub "
+                           "is offline (HF_HUB_OFFLINE=1)")
     import datasets
 
     try:
         loaded = datasets.load_dataset(dataset_id, split="train")
     except FileNotFoundError:  # datasets' DatasetNotFoundError: the Hub answered, there is no such dataset
-        raise DatasetError(f"{dataset_id}: no such file, and no such dataset on the Hugging Face Hub") from None
+        raise DatasetError(f"{no_such_file(dataset_id)}, and no such dataset on the Hugging Face Hub") from None
     except ConnectionError as exc:  # still a ConnectionError, so the task retries it; the CLI prints one line
-        raise ConnectionError(f"{dataset_id}: no such file, and the Hugging Face Hub could not be reached to fetch "
-                              f"a dataset of that name ({exc})") from None
+        raise ConnectionError(f"{no_such_file(dataset_id)}, and the Hugging Face Hub could not be reached to "
+                              f"fetch a dataset of that name ({exc})") from None
     rows = validate_rows([(f"row {i}", record) for i, record in enumerate(loaded, start=1)], dataset_id)
     canonical = "\n".join(json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows).encode()
     return Dataset(uri=dataset_id, rows=rows, sha256=hashlib.sha256(canonical).hexdigest())

@@ -49,6 +49,22 @@ def test_set_overrides_merge_over_the_file() -> None:
     assert cfg.model.name == "loraflow:tiny-llama"  # untouched keys keep the file's value
 
 
+def test_a_set_value_that_is_not_yaml_is_taken_as_the_string_it_is() -> None:
+    assert parse_assignment("prompt.template={instruction} {input}\n答:{output}") == {
+        "prompt": {"template": "{instruction} {input}\n答:{output}"}  # YAML would read "{...} ..." as a broken map
+    }
+    assert parse_assignment("train.max_steps=5") == {"train": {"max_steps": 5}}  # YAML still types the rest
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_the_place(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  uri: x.jsonl\n   eval_uri: y.jsonl\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(broken, [])
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{broken}: not valid YAML: ") and "line 3" in message
+
+
 def test_deep_merge_keeps_siblings() -> None:
     assert deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
 

@@ -81,17 +81,34 @@ def test_http_dataset(tmp_path: Path) -> None:
         server.shutdown()
 
 
+def test_an_http_dataset_nobody_answers_for_is_named_and_retried() -> None:
+    from loraflow.retries import is_transient
+    from tests.s3_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/data.jsonl"  # nothing listens there
+    with pytest.raises(ConnectionError, match="cannot reach it") as caught:
+        fetch_dataset(url)
+    assert str(caught.value).startswith(f"{url}: ") and is_transient(caught.value)
+
+
+def test_a_relative_path_that_is_missing_says_where_it_was_looked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for path in ("train.jsonl", "data/train.jsonl", "data/more/train.jsonl"):  # the second also looks like a Hub id
+        with pytest.raises(DatasetError, match=f"^{path}: no such file \\(relative to {tmp_path}\\)"):
+            fetch_dataset(path)
+
+
 def test_hub_id_offline_is_a_clear_error() -> None:
-    with pytest.raises(DatasetError, match="no such file, and .* the Hub is offline"):
+    with pytest.raises(DatasetError, match=r"no such file \(relative to .*\), and .* the Hub is offline"):
         fetch_dataset("someone/some-dataset")
 
 
 @pytest.mark.parametrize(
     ("raised", "expected_type", "expected"),
     [(FileNotFoundError("Dataset 'data/trian.jsonl' doesn't exist on the Hub"), DatasetError,
-      "no such file, and no such dataset on the Hugging Face Hub"),
+      r"no such file \(relative to .*\), and no such dataset on the Hugging Face Hub"),
      (ConnectionError("Couldn't reach 'data/trian.jsonl' on the Hub"), ConnectionError,
-      "no such file, and the Hugging Face Hub could not be reached")],
+      r"no such file \(relative to .*\), and the Hugging Face Hub could not be reached")],
 )
 def test_a_mistyped_path_that_looks_like_a_hub_id_says_both(
     raised: Exception, expected_type: type, expected: str, monkeypatch: pytest.MonkeyPatch
