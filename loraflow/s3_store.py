@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from loraflow.errors import StoreConfigError, StoreUnavailableError
 from loraflow.fingerprint import sha256_file
 from loraflow.s3 import aws_credentials_block, s3_client, split_s3_uri
-from loraflow.store import MANIFEST, manifest_digest
+from loraflow.manifest import MANIFEST, manifest_digest
 
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"}
 MISSING_BUCKET_ERRORS = {"NoSuchBucket"}

@@ -4,31 +4,15 @@ A folder is published as `<key>/` plus `<key>/manifest.json`, the manifest writt
 file with its size and sha256. Readers trust only folders whose manifest exists, so nobody sees half an
 artifact; two writers of the same key write the same content, and the last rename or manifest wins.
 Deleting goes the other way: the manifest (or the whole folder, by one rename) disappears first.
+Two implementations: a local folder (loraflow/local_store.py) and S3 (loraflow/s3_store.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Protocol
 
-from loraflow.fingerprint import sha256_file
-
-MANIFEST = "manifest.json"
-
-
-def build_manifest(folder: Path) -> dict:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {
-        "created_at": time.time(),
-        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
-    }
+from loraflow.local_store import LocalStore
 
 
 class Store(Protocol):
@@ -46,89 +30,15 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def manifest_digest(manifest: dict) -> str:
-    """One hash for a published folder: of its manifest's file list (paths, sizes, sha256s)."""
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
-
-
-class LocalStore:
-    """A folder on disk (the embedded default)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        self.uri = str(self.root)
-
-    def check(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def has(self, key: str) -> bool:
-        return (self.root / key / MANIFEST).is_file()
-
-    def uri_of(self, key: str) -> str:
-        return str(self.root / key)
-
-    def read_file(self, key: str, relative: str) -> bytes:
-        return (self.root / key / relative).read_bytes()
-
-    def digest(self, key: str) -> str:
-        return manifest_digest(json.loads((self.root / key / MANIFEST).read_text()))
-
-    def put_folder(self, folder: Path, key: str, shared_blobs: bool = True) -> str:
-        """`shared_blobs` only matters on S3; here every folder holds its own files."""
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            shutil.copytree(folder, staging, dirs_exist_ok=True)
-            (staging / MANIFEST).write_text(json.dumps(build_manifest(staging), indent=1))
-            if target.exists():  # same key = same content: keep the one already published
-                return str(target)
-            os.rename(staging, target)
-        except OSError:
-            if not self.has(key):
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return str(target)
-
-    def get_folder(self, key: str, destination: Path) -> Path:
-        if not self.has(key):
-            raise FileNotFoundError(f"{self.root / key}: no complete artifact (no {MANIFEST})")
-        destination.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(self.root / key, destination, dirs_exist_ok=True)
-        (destination / MANIFEST).unlink(missing_ok=True)
-        return destination
-
-    def put_bytes(self, data: bytes, key: str) -> str:
-        target = self.root / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        staging.write_bytes(data)
-        os.replace(staging, target)
-        return str(target)
-
-    def list_complete(self, prefix: str) -> list[str]:
-        """Keys of the complete folders directly under `prefix` (staging and half-deleted ones are hidden)."""
-        parent = self.root / prefix
-        if not parent.is_dir():
-            return []
-        return [f"{prefix}/{p.name}" for p in parent.iterdir()
-                if not p.name.startswith(".") and (p / MANIFEST).is_file()]
-
-    def delete(self, key: str) -> None:
-        """One rename takes the folder out of sight, so no reader finds it half deleted; then it is removed."""
-        target = self.root / key
-        doomed = target.with_name(f".deleting-{target.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(target, doomed)
-        except FileNotFoundError:  # someone else deleted it first
-            return
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
 def open_store(uri: str) -> Store:
+    """`s3://bucket/prefix` -> S3Store (credentials from the environment or a block), anything else a local folder.
+
+    Raises ConfigError for an s3:// URI without a bucket."""
     if uri.startswith("s3://"):
         from loraflow.s3_store import S3Store
 
         return S3Store(uri)
     return LocalStore(uri)
+
+
+__all__ = ["LocalStore", "Store", "open_store"]

@@ -1,0 +1,87 @@
+"""The artifact store in a local folder (the embedded default): each published folder renamed into place whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from loraflow.manifest import MANIFEST, build_manifest, manifest_digest
+
+
+class LocalStore:
+    """A folder on disk (the embedded default)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def has(self, key: str) -> bool:
+        return (self.root / key / MANIFEST).is_file()
+
+    def uri_of(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read_file(self, key: str, relative: str) -> bytes:
+        return (self.root / key / relative).read_bytes()
+
+    def digest(self, key: str) -> str:
+        return manifest_digest(json.loads((self.root / key / MANIFEST).read_text()))
+
+    def put_folder(self, folder: Path, key: str, shared_blobs: bool = True) -> str:
+        """`shared_blobs` only matters on S3; here every folder holds its own files."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            (staging / MANIFEST).write_text(json.dumps(build_manifest(staging), indent=1))
+            if target.exists():  # same key = same content: keep the one already published
+                return str(target)
+            os.rename(staging, target)
+        except OSError:
+            if not self.has(key):
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target)
+
+    def get_folder(self, key: str, destination: Path) -> Path:
+        if not self.has(key):
+            raise FileNotFoundError(f"{self.root / key}: no complete artifact (no {MANIFEST})")
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.root / key, destination, dirs_exist_ok=True)
+        (destination / MANIFEST).unlink(missing_ok=True)
+        return destination
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        staging.write_bytes(data)
+        os.replace(staging, target)
+        return str(target)
+
+    def list_complete(self, prefix: str) -> list[str]:
+        """Keys of the complete folders directly under `prefix` (staging and half-deleted ones are hidden)."""
+        parent = self.root / prefix
+        if not parent.is_dir():
+            return []
+        return [f"{prefix}/{p.name}" for p in parent.iterdir()
+                if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+
+    def delete(self, key: str) -> None:
+        """One rename takes the folder out of sight, so no reader finds it half deleted; then it is removed."""
+        target = self.root / key
+        doomed = target.with_name(f".deleting-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, doomed)
+        except FileNotFoundError:  # someone else deleted it first
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
