@@ -19,5 +19,5 @@ export PREFECT_HOME=${PREFECT_HOME:-/tmp/prefect-home}
 export LORAFLOW_CACHE_DIR=${LORAFLOW_CACHE_DIR:-/tmp/loraflow-cache}
 mkdir -p "$LORAFLOW_CACHE_DIR/models" && cp -rn .gpuassets/models/. "$LORAFLOW_CACHE_DIR/models/"
 # `loraflow` on PATH as `make install` would put it
-mkdir -p /tmp/gpubin && printf '#!/bin/sh\nexec python3 -m loraflow.cli "$@"\n' > /tmp/gpubin/loraflow && chmod +x /tmp/gpubin/loraflow
+mkdir -p /tmp/gpubin && printf '#!/bin/sh\nexec python3 -m cli "$@"\n' > /tmp/gpubin/loraflow && chmod +x /tmp/gpubin/loraflow
 export PATH=/tmp/gpubin:$PATH

@@ -108,7 +108,7 @@ def run_loraflow(config: Path, train: Path, held_out: Path, work: Path, override
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     command = [
-        sys.executable, "-m", "loraflow.cli", "run", "--config", str(config),
+        sys.executable, "-m", "cli", "run", "--config", str(config),
         "--dataset", str(train), "--eval-dataset", str(held_out), "--output", str(out),
         "--set", f"output.store={store}", *[arg for item in overrides for arg in ("--set", item)],
     ]

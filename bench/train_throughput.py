@@ -116,11 +116,11 @@ NOTEBOOK_TEMPLATE = "{instruction}\n{input}\n答:{output}"
 
 def notebook_prompts(tokenizer: Any, data_file: Path) -> Any:
     from loraflow.config import DataConfig, InferSettings, PromptConfig
-    from tasks.fetch_dataset import fetch_dataset
-    from tasks.format_prompts import format_prompts
+    from loraflow.data import read_dataset
+    from loraflow.prompts import format_prompts
 
     data = DataConfig(uri=str(data_file), eval_fraction=NOTEBOOK_HELD_OUT / (NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT))
-    prompts = format_prompts(fetch_dataset(str(data_file)), None, PromptConfig(template=NOTEBOOK_TEMPLATE), data,
+    prompts = format_prompts(read_dataset(str(data_file)), None, PromptConfig(template=NOTEBOOK_TEMPLATE), data,
                              InferSettings(), tokenizer)
     assert len(prompts.train_texts) == NOTEBOOK_EXAMPLES, len(prompts.train_texts)
     lengths = [len(ids) for ids in tokenizer(prompts.train_texts)["input_ids"]]
@@ -285,9 +285,9 @@ class sft_overrides:
         self.fields = fields
 
     def __enter__(self) -> None:
-        import tasks.train
+        import loraflow.training
 
-        self.original = build_sft_config = tasks.train.build_sft_config
+        self.original = build_sft_config = loraflow.training.build_sft_config
         fields = self.fields
 
         def patched(*args: Any, **kwargs: Any) -> Any:
@@ -296,12 +296,12 @@ class sft_overrides:
                 setattr(config, key, value)
             return config
 
-        tasks.train.build_sft_config = patched
+        loraflow.training.build_sft_config = patched
 
     def __exit__(self, *exc: Any) -> None:
-        import tasks.train
+        import loraflow.training
 
-        tasks.train.build_sft_config = self.original
+        loraflow.training.build_sft_config = self.original
 
 
 def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
@@ -309,18 +309,22 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
     """The project's own task functions, as the flow calls them."""
     t0 = time.perf_counter()
     if backend == "unsloth":
-        import loraflow.unsloth_backend  # (first, as the flow does)
+        import loraflow.backend_unsloth  # (first, as the flow does)
     import torch
+    from loraflow.backends import attach_lora, load_model
     from loraflow.config import LoraSettings, ModelConfig, TrainSettings
-    from tasks.attach_lora import attach_lora
-    from tasks.format_prompts import Prompts
-    from tasks.load_model import load_model
-    from tasks.train import train_adapter
+    from loraflow.prompts import Prompts
+    from loraflow.training import TrainSpec, train_adapter
+
+    def train(live: Any, prompts: Any, settings: TrainSettings, key: str) -> Any:
+        spec = TrainSpec(model=model_cfg, lora=LoraSettings(), train=settings, backend=backend, store_uri=store,
+                         prompts_key="prompts/unused.json", adapter_key=key)
+        return train_adapter(live, prompts, spec).metrics
 
     result: dict[str, Any] = {"import_s": time.perf_counter() - t0}
     model_cfg = ModelConfig(name=str(model_dir), backend=backend, load_in_4bit=True, max_seq_length=2048)
     t0 = time.perf_counter()
-    live = load_model(model_cfg)
+    live = load_model(model_cfg, backend)
     result["load_s"] = time.perf_counter() - t0
     live = attach_lora(live, LoraSettings(), model_cfg.max_seq_length, seed=3407)
     store = str(work / "store")
@@ -330,7 +334,7 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
         prompts = Prompts([""] * len(texts), texts, [], [], None, live.tokenizer.eos_token)
         settings = TrainSettings(per_device_batch_size=batch, gradient_accumulation_steps=1, warmup_steps=0,
                                  max_steps=warmup + steps, optimizer="auto", packing="false")
-        trained = train_adapter(live, prompts, settings, model_cfg, store, f"bench/{backend}-{batch}x{length}")
+        trained = train(live, prompts, settings, f"bench/{backend}-{batch}x{length}")
         figures = step_figures(trained.step_seconds, trained.step_tokens, warmup, params)
         figures["peak_gib"] = trained.peak_memory_bytes / 2**30
         figures["train_runtime_s"] = trained.runtime_seconds
@@ -346,17 +350,16 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
         for name in variants:
             settings, sft_fields, flash_varlen = notebook_variant(name, notebook_train, unpacked_steps)
             if backend == "unsloth":
-                loraflow.unsloth_backend.use_flash_varlen(flash_varlen)
+                loraflow.backend_unsloth.use_flash_varlen(flash_varlen)
             reset_lora(live.model, seed=3407)
             # the notebook and "-ckpt" keep Unsloth's checkpointing; the others decide as the project does (auto)
             checkpointing = "unsloth" if name == "notebook" or name.endswith("-ckpt") else "auto"
             variant_live = dataclasses.replace(live, gradient_checkpointing=checkpointing)
             if backend == "unsloth":
-                loraflow.unsloth_backend.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
+                loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
             torch.cuda.empty_cache()
             with sft_overrides(**sft_fields):
-                trained = train_adapter(variant_live, prompts, settings, model_cfg, store,
-                                        f"bench/{backend}-notebook-{name}")
+                trained = train(variant_live, prompts, settings, f"bench/{backend}-notebook-{name}")
             skip = min(3, len(trained.step_seconds) // 2)
             figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
             figures.update(
@@ -370,7 +373,7 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
                 f"{figures['tokens_per_s']:.0f} real tokens/s steady, first step {figures['first_step_s']:.1f} s, "
                 f"held-out loss {figures['held_out_loss']:.4f}")
         if backend == "unsloth":
-            loraflow.unsloth_backend.use_flash_varlen(True)
+            loraflow.backend_unsloth.use_flash_varlen(True)
     return result
 
 
@@ -396,7 +399,7 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, 
                   f"train: {steps} steps": "trained_s"}
     seen: dict[str, float] = {}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "run", "--config", str(config_file)],
+    process = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config_file)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:

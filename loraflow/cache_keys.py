@@ -1,12 +1,14 @@
 """What each cached output depends on, spelled out. Prefect's DEFAULT policy includes the flow-run id and
-never hits across runs, so every cached task uses a key built here from its real inputs."""
+never hits across runs, so every cached step uses a key built here from its real inputs; the adapter's key
+(`train_key`) names it in the store, which is where "already trained" is found (loraflow.training.published_adapter)."""
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
 
 from loraflow.config import FinetuneConfig
-from loraflow.fingerprint import stable_hash
+from loraflow.fingerprint import dataset_fingerprint, stable_hash
 
 TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo")
 
@@ -54,3 +56,58 @@ def adapter_key(train_cache_key: str) -> str:
 def checkpoints_prefix(train_cache_key: str) -> str:
     """Where train's checkpoints for this key go (see loraflow.checkpoints)."""
     return f"checkpoints/{train_cache_key}"
+
+
+# --- Prefect cache keys of the steps (cache_key_fn(context, parameters) -> key; None = do not cache) ------------------
+
+
+def dataset_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """fetch-dataset by what the bytes are, not where they are: a changed row changes the key (an S3 object's
+    ETag changes with its bytes); None where neither is known (no caching)."""
+    fingerprint = dataset_fingerprint(parameters["uri"])
+    return None if fingerprint is None else f"fetch-dataset-{fingerprint}"
+
+
+def prompts_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """format-prompts depends on the data, the template, the split and the tokenizer: nothing else."""
+    eval_dataset = parameters["eval_dataset"]
+    return "format-prompts-" + stable_hash(
+        parameters["dataset"].sha256,
+        eval_dataset.sha256 if eval_dataset else None,
+        parameters["prompt"],
+        parameters["data"].eval_fraction,
+        parameters["data"].seed,
+        parameters["infer"].prompts,
+        parameters["model"].name,
+        parameters["model"].revision,
+    )
+
+
+INFER_RESULT_VERSION = 3  # in smoke-infer's key: a result cached in another shape is never read back
+
+
+def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """smoke-infer's answers depend on the adapter's bytes, the prompts and the generation settings; not on the run."""
+    prompts = parameters["prompts"]
+    return f"smoke-infer-v{INFER_RESULT_VERSION}-" + stable_hash(
+        parameters["adapter"].digest,
+        [(e.prompt, e.answer) for e in prompts.eval_examples + prompts.infer_prompts],
+        prompts.labels,
+        parameters["infer"],
+    )
+
+
+# --- which steps the cache served in this process's flow runs (the summary's cached_tasks) ----------------------------
+
+_CACHE_HITS: dict[str, list[str]] = {}
+
+
+def note_cache_hit(task: Any, task_run: Any, state: Any) -> None:
+    """Prefect on_completion hook of the cached steps: a Cached state means Prefect served the result."""
+    if state.name == "Cached":
+        _CACHE_HITS.setdefault(str(task_run.flow_run_id), []).append(task.name)
+
+
+def cache_hits(flow_run_id: str) -> list[str]:
+    """The steps of `flow_run_id` served from the cache so far, in the order they ran."""
+    return list(_CACHE_HITS.get(flow_run_id, []))

@@ -167,6 +167,8 @@ class OutputSettings(Section):
 class HubSettings(Section):
     repo_id: str | None = Field(None, description="Push to this Hub repo; the token comes from the hf-token block or HF_TOKEN.")
     private: bool = True
+    license: str | None = Field(None, description="The adapter's license for the model card (a Hub license id, e.g. "
+                                "apache-2.0); usually the base model's.")
     min_eval_accuracy: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Quality gate: fail the run, and push nothing, when eval accuracy is below this (0..1).",

@@ -68,6 +68,10 @@ class LocalStore:
         os.replace(staging, target)
         return str(target)
 
+    def read_bytes(self, key: str) -> bytes:
+        """What put_bytes wrote under `key`. Raises FileNotFoundError."""
+        return (self.root / key).read_bytes()
+
     def list_complete(self, prefix: str) -> list[str]:
         """Keys of the complete folders directly under `prefix` (staging and half-deleted ones are hidden)."""
         parent = self.root / prefix

@@ -1,46 +1,68 @@
-"""The model card (README.md) that travels with the adapter: what it was trained from, how, and how well."""
+"""The model card (README.md) that travels with the adapter, built with huggingface_hub's ModelCard from the run
+summary alone: Hub metadata (base_model, library, tags, datasets, license, the eval accuracy as model-index
+results), then what it was trained from, how, and how well."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
 
-from loraflow.config import FinetuneConfig
+from loraflow.config import HubSettings
+from loraflow.summary import LOSS_CURVE_FILE, RunSummary
+
+HUB_DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+CARD_METRICS = ("train_steps", "train_loss_first", "train_loss_last", "train_tokens_per_second", "eval_accuracy",
+                "base_eval_accuracy")
 
 
-def render_model_card(cfg: FinetuneConfig, summary: dict[str, Any]) -> str:
-    """Markdown with Hub metadata; built only from the config and the run's summary (no secrets in either)."""
-    metrics = {
-        key: summary.get(key)
-        for key in ("train_steps", "train_loss_first", "train_loss_last", "train_tokens_per_second",
-                    "eval_accuracy", "base_eval_accuracy")
-    }
-    return f"""---
-base_model: {cfg.model.name}
-library_name: peft
-tags: [lora, loraflow, sft, trl]
----
+def card_data(summary: RunSummary, hub: HubSettings):
+    """Hub metadata. A dataset is listed only when it is a Hub id (a local path means nothing on the Hub); the eval
+    accuracy becomes a model-index result on the held-out split."""
+    from huggingface_hub import EvalResult, ModelCardData
 
-# LoRA adapter for `{cfg.model.name}`
+    dataset_id = summary.dataset_uri if HUB_DATASET_ID.match(summary.dataset_uri) else None
+    results = None
+    if summary.eval_accuracy is not None:
+        results = [EvalResult(
+            task_type="text-generation", task_name="label accuracy on held-out examples",
+            dataset_type=dataset_id or "local", dataset_name=summary.eval_dataset_uri or summary.dataset_uri,
+            dataset_split="held-out", metric_type="accuracy", metric_value=round(summary.eval_accuracy, 4),
+            metric_name=f"accuracy ({summary.eval_scoring} scoring)",
+        )]
+    return ModelCardData(
+        base_model=summary.model, library_name="peft", license=hub.license, tags=["lora", "loraflow", "sft", "trl"],
+        datasets=[dataset_id] if dataset_id else None, model_name=hub.repo_id or f"{summary.model} LoRA adapter",
+        eval_results=results,
+    )
 
-Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summary.get("backend")}`).
+
+def render_model_card(summary: RunSummary, hub: HubSettings) -> str:
+    """Markdown with a YAML header, as huggingface_hub writes it; no secrets (the summary holds none)."""
+    from huggingface_hub import ModelCard
+
+    metrics = {key: getattr(summary, key) for key in CARD_METRICS}
+    template = summary.prompt_template if len(summary.prompt_template) < 40 else "custom"
+    body = f"""
+# LoRA adapter for `{summary.model}`
+
+Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summary.backend}`).
 
 | | |
 |---|---|
-| base model | `{cfg.model.name}` (revision `{cfg.model.revision or "default"}`) |
-| dataset | `{summary.get("dataset_uri")}` |
-| dataset sha256 | `{summary.get("dataset_sha256")}` |
-| examples | {summary.get("num_train_examples")} train / {summary.get("num_eval_examples")} eval |
-| prompt template | `{cfg.prompt.template if len(cfg.prompt.template) < 40 else "custom"}` |
+| base model | `{summary.model}` (revision `{summary.model_revision or "default"}`) |
+| dataset | `{summary.dataset_uri}` |
+| dataset sha256 | `{summary.dataset_sha256}` |
+| examples | {summary.num_train_examples} train / {summary.num_eval_examples} eval |
+| prompt template | `{template}` |
 
 ## LoRA
 ```json
-{json.dumps(cfg.lora.model_dump(mode="json"), indent=1)}
+{json.dumps(summary.lora, indent=1)}
 ```
 
 ## Training
 ```json
-{json.dumps(cfg.train.model_dump(mode="json"), indent=1)}
+{json.dumps(summary.train_settings, indent=1)}
 ```
 
 ## Metrics
@@ -50,41 +72,32 @@ Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summar
 
 {render_accuracy(summary)}
 
-![training loss](loss_curve.png)
+![training loss]({LOSS_CURVE_FILE})
 
 ## Use
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("{cfg.model.name}")
+base = AutoModelForCausalLM.from_pretrained("{summary.model}")
 model = PeftModel.from_pretrained(base, "<this repo>")
 tokenizer = AutoTokenizer.from_pretrained("<this repo>")
 ```
 """
+    return str(ModelCard(f"---\n{card_data(summary, hub).to_yaml()}\n---\n{body}"))
 
 
-def render_accuracy(summary: dict[str, Any]) -> str:
-    """Accuracy on the eval split, fine-tuned against the base model, and precision/recall per label."""
-    if summary.get("eval_accuracy") is None:
+def render_accuracy(summary: RunSummary) -> str:
+    """Accuracy on the eval split, fine-tuned against the base model, and the per-label table (loraflow.report)."""
+    from loraflow.report import per_label_table
+
+    if summary.eval_accuracy is None:
         return "Eval accuracy was not measured: the eval outputs do not form a closed label set."
-
-    def number(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    rows = [
-        f"| {label} | {scores['support']} | {number(scores['precision'])} | {number(scores['recall'])} "
-        f"| {number(summary['base_eval_per_label'][label]['precision'])} "
-        f"| {number(summary['base_eval_per_label'][label]['recall'])} |"
-        for label, scores in summary["eval_per_label"].items()
-    ]
+    scored = sum(s["support"] for s in summary.eval_per_label.values())
     return "\n".join([
-        f"Eval accuracy on {sum(s['support'] for s in summary['eval_per_label'].values())} held-out examples: "
-        f"**{number(summary['eval_accuracy'])}** fine-tuned, {number(summary['base_eval_accuracy'])} base model "
-        f"({summary['eval_scoring']} scoring; the fine-tuned model's greedy answers: "
-        f"{number(summary['eval_accuracy_greedy'])}).",
+        f"Eval accuracy on {scored} held-out examples: **{summary.eval_accuracy:.3f}** fine-tuned, "
+        f"{summary.base_eval_accuracy:.3f} base model ({summary.eval_scoring} scoring; the fine-tuned model's greedy "
+        f"answers: {summary.eval_accuracy_greedy:.3f}).",
         "",
-        "| label | eval examples | precision | recall | base precision | base recall |",
-        "|---|---|---|---|---|---|",
-        *rows,
+        *per_label_table(summary),
     ])

@@ -9,6 +9,7 @@ to stop may go on after a newline, and the first-line rule reads both the same w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from loraflow.config import HubSettings
 from loraflow.errors import ConfigError, QualityGateError
@@ -103,3 +104,11 @@ def check_quality_gate(hub: HubSettings, accuracy: float | None, base_accuracy: 
             f"quality gate failed: {'; '.join(failures)}. Nothing was pushed to {target}; "
             f"the adapter is saved in {output_dir}"
         )
+
+
+def raise_for_outcome(summary: Any, hub: HubSettings, push: Any) -> None:
+    """The end of a run whose output is saved: raise QualityGateError when the gate failed, or the push's own
+    error when push-hub failed (after its retries); `push` is its Prefect state, None when it did not run."""
+    check_quality_gate(hub, summary.eval_accuracy, summary.base_eval_accuracy, summary.adapter_dir)
+    if push is not None and not push.is_completed():
+        push.result()  # raises what the push raised

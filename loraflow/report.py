@@ -1,7 +1,7 @@
 """What a run shows in Prefect: a metrics table artifact, a markdown report with the loss curve and the answers.
 
-Both are made from the run's summary (never from config or secrets) on every run, cached or not, and before
-push-hub, so a run that the quality gate stops still shows its numbers.
+Both are made from the run's summary (never from config or secrets) on every run, cached or not, whether the
+quality gate passed or not: a run that the gate stops still shows its numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-LOSS_CURVE_FILE = "loss_curve.png"
+from loraflow.summary import LOSS_CURVE_FILE, RunSummary
+
 METRICS_ARTIFACT_KEY = "finetune-metrics"
 REPORT_ARTIFACT_KEY = "finetune-report"
 SCORING_WORDS = {  # infer.label_scoring
@@ -34,37 +35,25 @@ def loss_curve_png(losses: list[tuple[int, float]], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def link_to(uri: str) -> str:
-    """A store URI as a link: s3:// stays as it is, a local path becomes file://."""
-    return uri if "://" in uri else Path(uri).resolve().as_uri()
-
-
 def rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def gate_verdict(summary: dict[str, Any]) -> str:
-    gate = summary["quality_gate"]
-    if gate["min_eval_accuracy"] is None and not gate["require_beat_base"]:
-        return "off"
-    return "failed: " + "; ".join(gate["failures"]) if gate["failures"] else "passed"
-
-
-def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def metrics_table(summary: RunSummary) -> list[dict[str, Any]]:
     """Rows of metric / value, in the order a reader checks them."""
-    peak = summary["peak_memory_bytes"]
+    peak = summary.peak_memory_bytes
     return [
-        {"metric": "train steps", "value": summary["train_steps"]},
-        {"metric": "train loss, first step", "value": rounded(summary["train_loss_first"])},
-        {"metric": "train loss, last step", "value": rounded(summary["train_loss_last"])},
-        {"metric": "train tokens/s", "value": round(summary["train_tokens_per_second"], 1)},
+        {"metric": "train steps", "value": summary.train_steps},
+        {"metric": "train loss, first step", "value": rounded(summary.train_loss_first)},
+        {"metric": "train loss, last step", "value": rounded(summary.train_loss_last)},
+        {"metric": "train tokens/s", "value": round(summary.train_tokens_per_second, 1)},
         {"metric": "peak memory (GiB)", "value": round(peak / 2**30, 3) if peak else None},
-        {"metric": "train runtime (s)", "value": round(summary["train_runtime_seconds"], 1)},
-        {"metric": "eval examples", "value": summary["num_eval_examples"]},
-        {"metric": "eval accuracy, fine-tuned", "value": rounded(summary["eval_accuracy"])},
-        {"metric": "eval accuracy, base model", "value": rounded(summary["base_eval_accuracy"])},
-        {"metric": "eval accuracy, greedy answers", "value": rounded(summary["eval_accuracy_greedy"])},
-        {"metric": "quality gate", "value": gate_verdict(summary)},
+        {"metric": "train runtime (s)", "value": round(summary.train_runtime_seconds, 1)},
+        {"metric": "eval examples", "value": summary.num_eval_examples},
+        {"metric": "eval accuracy, fine-tuned", "value": rounded(summary.eval_accuracy)},
+        {"metric": "eval accuracy, base model", "value": rounded(summary.base_eval_accuracy)},
+        {"metric": "eval accuracy, greedy answers", "value": rounded(summary.eval_accuracy_greedy)},
+        {"metric": "quality gate", "value": summary.quality_gate.verdict},
     ]
 
 
@@ -82,58 +71,65 @@ def inline_png(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def report_markdown(summary: dict[str, Any], output_dir: str, loss_curve: bytes) -> str:
-    curve = summary["loss_curve_uri"]
+def per_label_table(summary: RunSummary) -> list[str]:
+    """Markdown rows: precision and recall per label, fine-tuned and base model (the report and the model card)."""
+    lines = ["| label | eval examples | precision | recall | base precision | base recall |",
+             "|---|---|---|---|---|---|"]
+    base = summary.base_eval_per_label or {}
+    for label, scores in (summary.eval_per_label or {}).items():
+        lines.append(
+            f"| {cell(label)} | {scores['support']} | {cell(scores['precision'])} | {cell(scores['recall'])} "
+            f"| {cell(base[label]['precision'])} | {cell(base[label]['recall'])} |"
+        )
+    return lines
+
+
+def report_markdown(summary: RunSummary, loss_curve: bytes) -> str:
+    """The run in markdown: loss curve inline, accuracy of both models, the per-label table, every answer."""
     lines = [
-        f"# Fine-tune of `{summary['model']}`",
+        f"# Fine-tune of `{summary.model}`",
         "",
-        f"Backend `{summary['backend']}`, dataset `{summary['dataset_uri']}`, {summary['num_train_examples']} train / "
-        f"{summary['num_eval_examples']} eval examples, {summary['train_steps']} steps: loss "
-        f"{cell(summary['train_loss_first'])} → {cell(summary['train_loss_last'])}.",
+        f"Backend `{summary.backend}`, dataset `{summary.dataset_uri}`, {summary.num_train_examples} train / "
+        f"{summary.num_eval_examples} eval examples, {summary.train_steps} steps: loss "
+        f"{cell(summary.train_loss_first)} → {cell(summary.train_loss_last)}.",
         "",
         "## Loss curve",
         "",
         f"![training loss]({inline_png(loss_curve)})",
         "",
-        f"PNG in the store: [{curve}]({curve}); in the output folder: `{Path(output_dir) / LOSS_CURVE_FILE}`.",
+        f"PNG in the store: [{summary.loss_curve_uri}]({summary.loss_curve_uri}); in the output folder: "
+        f"`{Path(summary.adapter_dir or '.') / LOSS_CURVE_FILE}`.",
         "",
         "## Accuracy on the eval split",
         "",
     ]
-    if summary["eval_accuracy"] is None:
+    if summary.eval_accuracy is None:
         lines.append("Not measured: the eval outputs do not form a closed label set.")
     else:
         lines += [
             "| | fine-tuned | base model |",
             "|---|---|---|",
-            f"| accuracy | {cell(summary['eval_accuracy'])} | {cell(summary['base_eval_accuracy'])} |",
+            f"| accuracy | {cell(summary.eval_accuracy)} | {cell(summary.base_eval_accuracy)} |",
             "",
-            f"Scored by {SCORING_WORDS[summary['eval_scoring']]}. The fine-tuned model's greedy answers alone: "
-            f"{cell(summary['eval_accuracy_greedy'])}.",
+            f"Scored by {SCORING_WORDS[summary.eval_scoring]}. The fine-tuned model's greedy answers alone: "
+            f"{cell(summary.eval_accuracy_greedy)}.",
             "",
-            "| label | eval examples | precision | recall | base precision | base recall |",
-            "|---|---|---|---|---|---|",
+            *per_label_table(summary),
         ]
-        base = summary["base_eval_per_label"]
-        for label, scores in summary["eval_per_label"].items():
-            lines.append(
-                f"| {cell(label)} | {scores['support']} | {cell(scores['precision'])} | {cell(scores['recall'])} "
-                f"| {cell(base[label]['precision'])} | {cell(base[label]['recall'])} |"
-            )
-    lines += ["", f"Quality gate: {gate_verdict(summary)}.", "", "## Smoke-infer answers", "",
+    lines += ["", f"Quality gate: {summary.quality_gate.verdict}.", "", "## Smoke-infer answers", "",
               "| input | expected | fine-tuned (greedy) | scored as | base model |", "|---|---|---|---|---|"]
-    for item in summary["smoke_answers"]:
-        base = item["base_answer"] if item["base_answer"] is not None else item["base_label"]
-        lines.append(f"| {cell(item['input'] or item['instruction'])} | {cell(item['expected'])} "
-                     f"| {cell(item['answer'])} | {cell(item['label'])} | {cell(base)} |")
+    for item in summary.smoke_answers:
+        base = item.base_answer if item.base_answer is not None else item.base_label
+        lines.append(f"| {cell(item.input or item.instruction)} | {cell(item.expected)} "
+                     f"| {cell(item.answer)} | {cell(item.label)} | {cell(base)} |")
     return "\n".join(lines) + "\n"
 
 
-def publish_run_artifacts(summary: dict[str, Any], output_dir: str, loss_curve: bytes) -> None:
+def publish_run_artifacts(summary: RunSummary, loss_curve: bytes) -> None:
     """The metrics table and the markdown report (the loss curve inline), attached to the current flow run."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     create_table_artifact(metrics_table(summary), key=METRICS_ARTIFACT_KEY,
-                          description=f"loraflow: metrics of the fine-tune of {summary['model']}")
-    create_markdown_artifact(report_markdown(summary, output_dir, loss_curve), key=REPORT_ARTIFACT_KEY,
-                             description=f"loraflow: loss curve, accuracy and answers of {summary['model']}")
+                          description=f"loraflow: metrics of the fine-tune of {summary.model}")
+    create_markdown_artifact(report_markdown(summary, loss_curve), key=REPORT_ARTIFACT_KEY,
+                             description=f"loraflow: loss curve, accuracy and answers of {summary.model}")

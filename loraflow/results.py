@@ -5,9 +5,10 @@ Prefect 3 needs result storage saved server-side as a block; one block per store
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def block_name(store_uri: str) -> str:
@@ -27,3 +28,22 @@ def result_storage_for(store_uri: str) -> Any:
         block = LocalFileSystem(basepath=str(Path(store_uri) / "results"))
     block.save(block_name(store_uri), overwrite=True)
     return block
+
+
+@contextlib.contextmanager
+def persist_results_in(store_uri: str) -> Iterator[None]:
+    """Inside a flow run: every task called in this block persists its result and cache record in the run's store.
+
+    A task takes its result storage from the flow run's result store unless it names its own; the store is part
+    of the config, known only once the run has started, so it is set here once rather than on every task."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None:
+        raise RuntimeError("persist_results_in is for the body of a flow run")
+    default = context.result_store
+    context.result_store = default.model_copy(update={"result_storage": result_storage_for(store_uri)})
+    try:
+        yield
+    finally:
+        context.result_store = default

@@ -169,6 +169,18 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def read_bytes(self, key: str) -> bytes:
+        """What put_bytes wrote under `key`. Raises FileNotFoundError when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with self.explained(f"read {key}"):
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
+                raise FileNotFoundError(f"s3://{self.bucket}/{self._key(key)}: no such object") from None
+            raise
+
     def digest(self, key: str) -> str:
         return manifest_digest(self.manifest(key))
 

@@ -1,1 +1,1 @@
-"""The eight steps of a fine-tuning run, one per file: a plain function that does the work, and a thin @task."""
+"""The steps of a fine-tuning run, one per file: a verb-named @task (name, retries, cache policy) over one core call."""

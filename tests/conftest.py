@@ -35,7 +35,7 @@ def isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`loraflow ...` in a fresh interpreter, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "loraflow.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-STARTUP_TIMEOUT_SECONDS = 120  # a fresh database's migrations on a busy 2-core machine (as in loraflow.cli)
+STARTUP_TIMEOUT_SECONDS = 120  # a fresh database's migrations on a busy 2-core machine (as in cli/main.py)
 
 
 class PrefectReader:

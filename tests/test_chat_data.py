@@ -11,8 +11,8 @@ import pytest
 
 from loraflow.config import FinetuneConfig, load_config
 from loraflow.errors import ConfigError
-from tasks.fetch_dataset import fetch_dataset
-from tasks.format_prompts import Prompts, format_prompts, load_tokenizer
+from loraflow.data import read_dataset
+from loraflow.prompts import Prompts, format_prompts, load_tokenizer
 from tests.conftest import ROOT, TINY_CONFIG
 
 CHAT_DEMO = ROOT / "data" / "demo" / "sentiment_zh_chat.jsonl"
@@ -50,7 +50,7 @@ def chat_prompts(tmp_path: Path, cfg: FinetuneConfig, tokenizer: Any, shape: Any
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.json"
     train.write_text("".join(json.dumps(shape(c)) + "\n" for c in CONVERSATIONS))
     held_out.write_text(json.dumps([shape(CONVERSATIONS[0])]))
-    return format_prompts(fetch_dataset(str(train)), fetch_dataset(str(held_out)), cfg.prompt, cfg.data, cfg.infer, tokenizer)
+    return format_prompts(read_dataset(str(train)), read_dataset(str(held_out)), cfg.prompt, cfg.data, cfg.infer, tokenizer)
 
 
 @pytest.mark.parametrize("shape", [as_messages, as_sharegpt], ids=["messages", "sharegpt"])
@@ -80,12 +80,12 @@ def test_loss_covers_only_the_last_answer_when_completion_only(
     tmp_path: Path, cfg: FinetuneConfig, tokenizer: Any, completion_only: bool
 ) -> None:
     """What the trainer really computes the loss on: the labels its collator builds (-100 = ignored)."""
-    from tasks.load_model import load_model
-    from tasks.train import build_trainer
+    from loraflow.backends import load_model
+    from loraflow.training import build_trainer
 
     prompts = chat_prompts(tmp_path, cfg, tokenizer, as_messages)
     train = cfg.train.model_copy(update={"completion_only_loss": completion_only})
-    trainer = build_trainer(load_model(cfg.model), prompts, train, cfg.model, tmp_path / "work")
+    trainer = build_trainer(load_model(cfg.model, "transformers"), prompts, train, cfg.model, tmp_path / "work")
     batch = trainer.data_collator([trainer.train_dataset[0]])  # the two-turn conversation (rows keep their order)
     labels = batch["labels"][0].tolist()
     trained = tokenizer.decode([t for t in labels if t != -100])
@@ -96,7 +96,7 @@ def test_loss_covers_only_the_last_answer_when_completion_only(
 
 
 def test_demo_chat_dataset_is_valid_and_multi_turn() -> None:
-    dataset = fetch_dataset(str(CHAT_DEMO))
+    dataset = read_dataset(str(CHAT_DEMO))
     assert dataset.is_chat and len(dataset.rows) == 90
     assert {row["messages"][-1]["content"] for row in dataset.rows} == {"积极", "中性", "消极"}
     assert any(len(row["messages"]) > 3 for row in dataset.rows)
@@ -105,7 +105,7 @@ def test_demo_chat_dataset_is_valid_and_multi_turn() -> None:
 def test_chat_records_need_the_chat_template(tmp_path: Path, tokenizer: Any) -> None:
     cfg = load_config(TINY_CONFIG)  # a custom instruction template
     with pytest.raises(ConfigError, match=r"prompt\.template.*chat records.*set prompt\.template: chat"):
-        format_prompts(fetch_dataset(str(CHAT_DEMO)), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
+        format_prompts(read_dataset(str(CHAT_DEMO)), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
 
 
 def test_flow_trains_on_a_chat_dataset_and_saves_the_merged_model(tmp_path: Path) -> None:

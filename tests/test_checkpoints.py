@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tasks.train as train_module
+import loraflow.training as train_module
 from loraflow.checkpoints import fetch_latest_checkpoint, prune_checkpoints, stored_checkpoints
 from loraflow.config import load_config, parse_assignment
 from loraflow.store import LocalStore, open_store
-from tasks.attach_lora import attach_lora
-from tasks.fetch_dataset import fetch_dataset
-from tasks.format_prompts import format_prompts, load_tokenizer
-from tasks.load_model import load_model
+from loraflow.backends import attach_lora
+from loraflow.data import read_dataset
+from loraflow.prompts import format_prompts, load_tokenizer
+from loraflow.backends import load_model
 from tests.conftest import TINY_CONFIG
 from tests.s3_server import nanio_server, s3_env
 
@@ -134,12 +134,15 @@ def test_a_resumed_training_continues_the_loss_curve_of_an_uninterrupted_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config(TINY_CONFIG, [parse_assignment("train.max_steps=8"), parse_assignment("train.save_steps=3")])
-    prompts = format_prompts(fetch_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer,
+    prompts = format_prompts(read_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer,
                              load_tokenizer(cfg.model.name, None))
 
     def train(store: Path) -> Any:
-        live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
-        return train_module.train_adapter(live, prompts, cfg.train, cfg.model, str(store), "adapters/k", PREFIX)
+        live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+        spec = train_module.TrainSpec(model=cfg.model, lora=cfg.lora, train=cfg.train, backend="transformers",
+                                      store_uri=str(store), prompts_key="prompts/unused.json", adapter_key="adapters/k",
+                                      checkpoints_prefix=PREFIX)
+        return train_module.train_adapter(live, prompts, spec).metrics
 
     uninterrupted = train(tmp_path / "one")
     assert uninterrupted.resumed_from_step == 0

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 def start_run(work: Path) -> tuple[subprocess.Popen, list[str]]:
     """A tiny run in a session of its own, read until its first checkpoint is in the store."""
-    command = [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+    command = [sys.executable, "-m", "cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
                "--set", f"output.store={work / 'store'}", "--set", "train.save_steps=20"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

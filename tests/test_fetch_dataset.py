@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.errors import DatasetError
-from tasks.fetch_dataset import fetch_dataset
+from loraflow.data import read_dataset
 from tests.conftest import DEMO_DATA
 
 ROWS = [
@@ -40,13 +40,13 @@ def write_all_formats(folder: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
 def test_every_format_gives_the_same_rows(tmp_path: Path, suffix: str) -> None:
     path = write_all_formats(tmp_path)[suffix]
-    dataset = fetch_dataset(str(path))
+    dataset = read_dataset(str(path))
     assert dataset.rows == ROWS
     assert dataset.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_demo_dataset_is_the_notebook_format() -> None:
-    rows = fetch_dataset(str(DEMO_DATA)).rows
+    rows = read_dataset(str(DEMO_DATA)).rows
     assert len(rows) >= 60
     assert {r["output"] for r in rows} == {"积极", "中性", "消极"}
     assert {r["instruction"] for r in rows} == {"分类以下文本的情感。"}
@@ -55,15 +55,15 @@ def test_demo_dataset_is_the_notebook_format() -> None:
 def test_missing_input_field_means_empty_input(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
-    assert fetch_dataset(str(path)).rows == [{"instruction": "a", "input": "", "output": "b"}]
+    assert read_dataset(str(path)).rows == [{"instruction": "a", "input": "", "output": "b"}]
 
 
 def test_content_hash_changes_with_one_row(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps(ROWS, ensure_ascii=False))
-    before = fetch_dataset(str(path)).sha256
+    before = read_dataset(str(path)).sha256
     path.write_text(json.dumps([ROWS[0], {**ROWS[1], "output": "hello"}], ensure_ascii=False))
-    assert fetch_dataset(str(path)).sha256 != before
+    assert read_dataset(str(path)).sha256 != before
 
 
 def test_http_dataset(tmp_path: Path) -> None:
@@ -74,9 +74,9 @@ def test_http_dataset(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{paths['jsonl'].name}"
-        assert fetch_dataset(url).rows == ROWS
+        assert read_dataset(url).rows == ROWS
         with pytest.raises(DatasetError, match="HTTP 404"):
-            fetch_dataset(f"http://127.0.0.1:{server.server_address[1]}/missing.json")
+            read_dataset(f"http://127.0.0.1:{server.server_address[1]}/missing.json")
     finally:
         server.shutdown()
 
@@ -87,7 +87,7 @@ def test_an_http_dataset_nobody_answers_for_is_named_and_retried() -> None:
 
     url = f"http://127.0.0.1:{free_port()}/data.jsonl"  # nothing listens there
     with pytest.raises(ConnectionError, match="cannot reach it") as caught:
-        fetch_dataset(url)
+        read_dataset(url)
     assert str(caught.value).startswith(f"{url}: ") and is_transient(caught.value)
 
 
@@ -95,12 +95,12 @@ def test_a_relative_path_that_is_missing_says_where_it_was_looked_for(tmp_path: 
     monkeypatch.chdir(tmp_path)
     for path in ("train.jsonl", "data/train.jsonl", "data/more/train.jsonl"):  # the second also looks like a Hub id
         with pytest.raises(DatasetError, match=f"^{path}: no such file \\(relative to {tmp_path}\\)"):
-            fetch_dataset(path)
+            read_dataset(path)
 
 
 def test_hub_id_offline_is_a_clear_error() -> None:
     with pytest.raises(DatasetError, match=r"no such file \(relative to .*\), and .* the Hub is offline"):
-        fetch_dataset("someone/some-dataset")
+        read_dataset("someone/some-dataset")
 
 
 @pytest.mark.parametrize(
@@ -126,6 +126,6 @@ def test_a_mistyped_path_that_looks_like_a_hub_id_says_both(
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(expected_type, match=expected) as caught:
-        fetch_dataset("data/trian.jsonl")
+        read_dataset("data/trian.jsonl")
     assert str(caught.value).startswith("data/trian.jsonl: ")
     assert is_transient(caught.value) == (expected_type is ConnectionError)

@@ -36,7 +36,7 @@ def report(key: str, value: Any) -> None:
 
 def run_flow(work: Path, *overrides: str) -> tuple[int, str, dict[str, float]]:
     """`loraflow run` on the tiny config; returns exit code, log, and seconds from launch to milestones."""
-    command = [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+    command = [sys.executable, "-m", "cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
                "--set", f"output.store={work / 'store'}", *[arg for o in overrides for arg in ("--set", o)]]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -75,15 +75,15 @@ def packing_check() -> dict[str, Any]:
     unpacked batches, which must stay separate padded rows (Unsloth would flatten them if left to itself)."""
     import tempfile
 
-    import loraflow.unsloth_backend as unsloth_backend  # first, as the flow does
+    import loraflow.backend_unsloth as unsloth_backend  # first, as the flow does
+    from loraflow.backends import attach_lora, load_model
     from loraflow.config import LoraSettings, ModelConfig, TrainSettings
-    from tasks.attach_lora import attach_lora
-    from tasks.format_prompts import Prompts
-    from tasks.load_model import load_model
-    from tasks.train import build_trainer
+    from loraflow.prompts import Prompts
+    from loraflow.training import build_trainer
 
     model_cfg = ModelConfig(name="loraflow:tiny-llama", backend="unsloth", load_in_4bit=True, max_seq_length=512)
-    live = attach_lora(load_model(model_cfg), LoraSettings(gradient_checkpointing="unsloth"), 512, seed=3407)
+    live = attach_lora(load_model(model_cfg, "unsloth"), LoraSettings(gradient_checkpointing="unsloth"), 512, seed=3407)
+    assert unsloth_backend.loss_type(live) == "nll"  # Unsloth's fused cross-entropy: an explicit chunked_nll skips it
     demo = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text(encoding="utf-8"))
     texts = [f"{row['instruction']}\n{row['input'] * (1 + i % 3)}\n答:{row['output']}{live.tokenizer.eos_token}"
              for i, row in enumerate(demo[:8])]

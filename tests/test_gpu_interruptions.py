@@ -34,7 +34,7 @@ def gpu_memory_used_mib() -> int:
 
 
 def test_a_terminated_gpu_run_frees_the_gpu_and_the_rerun_resumes(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(tmp_path / "out"),
+    command = [sys.executable, "-m", "cli", "run", "--config", str(TINY_CONFIG), "--output", str(tmp_path / "out"),
                "--set", f"output.store={tmp_path / 'store'}", "--set", "model.backend=unsloth",
                "--set", "model.load_in_4bit=true", "--set", "train.save_steps=20"]
     baseline = gpu_memory_used_mib()

@@ -227,7 +227,7 @@ def test_two_concurrent_runs_of_one_config_both_finish_with_a_valid_adapter(
     env = {**stack["env"], **stack["s3_keys"], "HF_TOKEN": SENTINELS["HF token"]}
     outs = [tmp_path / "a", tmp_path / "b"]
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(TINY_CONFIG), "--output", str(out),
+        [sys.executable, "-m", "cli", "run", "--config", str(TINY_CONFIG), "--output", str(out),
          "--set", f"output.store=s3://{BUCKET}/concurrent", "--set", "train.max_steps=60", "--set", "train.save_steps=20",
          "--set", "train.save_total_limit=1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]

@@ -14,9 +14,9 @@ from loraflow.config import GGUF_UNAVAILABLE, load_config
 from loraflow.errors import ConfigError
 from loraflow.models import resolve_model
 from loraflow.store import LocalStore
-from tasks import merge_model as merge_module
-from tasks.attach_lora import attach_lora
-from tasks.load_model import load_model
+from loraflow import merging as merge_module
+from loraflow.backends import attach_lora
+from loraflow.backends import load_model
 from tests.conftest import TINY_CONFIG
 
 ADAPTER_KEY = "adapters/merge-test"
@@ -26,7 +26,7 @@ ADAPTER_KEY = "adapters/merge-test"
 def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny adapter whose B matrices are random (PEFT starts them at zero, which would merge to the base)."""
     cfg = load_config(TINY_CONFIG)
-    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in live.model.named_parameters():
@@ -38,7 +38,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
         live.tokenizer.save_pretrained(folder)
         LocalStore(store).put_folder(Path(folder), ADAPTER_KEY)
     out = tmp_path_factory.mktemp("out")
-    merged_dir = merge_module.merge_model(cfg.model, str(store), ADAPTER_KEY, str(out))
+    merged_dir = out / "merged"
+    LocalStore(store).get_folder(merge_module.merge_adapter(cfg.model, str(store), ADAPTER_KEY), merged_dir)
     return {"cfg": cfg, "live": live, "store": store, "out": out, "merged_dir": Path(merged_dir)}
 
 
@@ -85,7 +86,8 @@ def test_a_published_merged_model_is_copied_not_rebuilt(published: dict, tmp_pat
         raise AssertionError("loaded the base model although the merged model was in the store")
 
     monkeypatch.setattr(merge_module, "load_base_16bit", no_loading)
-    merged_dir = merge_module.merge_model(published["cfg"].model, str(published["store"]), ADAPTER_KEY, str(tmp_path))
+    key = merge_module.merge_adapter(published["cfg"].model, str(published["store"]), ADAPTER_KEY)
+    merged_dir = LocalStore(published["store"]).get_folder(key, tmp_path / "merged")
     assert (Path(merged_dir) / "model.safetensors").read_bytes() == (published["merged_dir"] / "model.safetensors").read_bytes()
 
 

@@ -10,10 +10,10 @@ import torch
 
 from loraflow.config import FinetuneConfig, HubSettings, load_config
 from loraflow.errors import ConfigError, QualityGateError
-from loraflow.live_model import LiveModel
+from loraflow.backends import LiveModel
 from loraflow.quality import check_gate_measurable, check_quality_gate, gate_failures, score_answers
-from tasks.format_prompts import closed_label_set
-from tasks.push_hub import push_hub
+from loraflow.prompts import closed_label_set
+from loraflow.hub import push_hub
 from tests.conftest import TINY_CONFIG, run_cli
 from tests.hub_standin import HubStandIn
 from tests.prefect_reads import PrefectReader
@@ -96,10 +96,10 @@ def test_failing_gate_sends_no_request_to_the_hub(tmp_path: Path) -> None:
 
 def adapter_that_changes_outputs(cfg: FinetuneConfig) -> LiveModel:
     """The tiny model with a LoRA adapter whose lora_B is non-zero (a fresh one is all zeros: no change at all)."""
-    from tasks.attach_lora import attach_lora
-    from tasks.load_model import load_model
+    from loraflow.backends import attach_lora
+    from loraflow.backends import load_model
 
-    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in live.model.named_parameters():
@@ -112,12 +112,12 @@ def adapter_that_changes_outputs(cfg: FinetuneConfig) -> LiveModel:
 def test_base_answers_are_the_base_models_answers() -> None:
     """smoke-infer scores the base model with the adapter disabled in place: the same answers as a base model
     that never had an adapter, although the adapter (non-zero lora_B) changes the answers."""
-    from tasks.load_model import load_model
-    from tasks.smoke_infer import base_model_answers, generate
+    from loraflow.backends import load_model
+    from loraflow.inference import base_model_answers, generate
 
     cfg = load_config(TINY_CONFIG)
     prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了", "会议在三点开始")]
-    plain = load_model(cfg.model)
+    plain = load_model(cfg.model, "transformers")
     plain_answers = [text for text, _ in generate(plain, prompts, 8)]
     live = adapter_that_changes_outputs(cfg)
     assert [text for text, _ in generate(live, prompts, 8)] != plain_answers
@@ -128,13 +128,14 @@ def test_label_likelihoods_match_one_sequence_at_a_time_and_the_base_model() -> 
     """Batched scoring gives each (prompt, label) the log-probability of the label's tokens and EOS that the
     sequence alone gives, both ways (prompts once with a shared cache, the transformers path; one padded row per
     pair, the Unsloth path); with the adapter disabled, the plain base model's numbers."""
-    from tasks.load_model import load_model
-    from tasks.smoke_infer import label_log_likelihoods, likeliest_labels, whole_row_log_likelihoods
+    from loraflow.backends import load_model
+    from loraflow.inference import label_log_likelihoods, likeliest_labels
+    from loraflow.scoring import whole_row_log_likelihoods
 
     cfg = load_config(TINY_CONFIG)
     prompts = [f"分类以下文本的情感。\n{text}\n答:" for text in ("今天天气很好", "服务太差了，再也不来", "会议在三点开始")]
     labels = ["消极", "积极", "中性的看法"]  # labels of different token lengths: rows of different widths
-    plain = load_model(cfg.model)
+    plain = load_model(cfg.model, "transformers")
     plain_scores = label_log_likelihoods(plain, prompts, labels)
     tokenizer = plain.tokenizer
     prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]

@@ -98,7 +98,8 @@ def test_changed_prompts_rerun_smoke_infer_only(two_runs: dict, s3: Any) -> None
         'infer.prompts=[{"instruction": "分类以下文本的情感。", "input": "这家店的服务太差了"}]',
     )
     assert "train" in summary["cached_tasks"] and "smoke-infer" not in summary["cached_tasks"]
-    assert "Task run 'train" in log and "Task run 'smoke-infer" in log
+    # the published adapter was found before any step would train: no train task run at all, smoke-infer reran
+    assert "Task run 'train" not in log and "Task run 'smoke-infer" in log
     assert "loaded the published adapter" in log  # smoke-infer loaded base + cached adapter itself
     assert "Task run 'load-4bit-model" not in log  # ... and no training model was prepared
     assert summary["smoke_answers"][-1]["input"] == "这家店的服务太差了"

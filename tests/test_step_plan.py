@@ -1,5 +1,5 @@
-"""How an optimizer step is laid out (loraflow.builders.batch_layout) and whether it keeps gradient
-checkpointing (keep_gradient_checkpointing, lora.gradient_checkpointing auto)."""
+"""How an optimizer step is laid out (loraflow.batching.batch_layout) and whether it keeps gradient
+checkpointing (loraflow.memory.keep_gradient_checkpointing, lora.gradient_checkpointing auto)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from loraflow.builders import activation_bytes, batch_layout, cuda_available, keep_gradient_checkpointing
+from loraflow.backends import cuda_available
+from loraflow.batching import batch_layout
+from loraflow.memory import activation_bytes, keep_gradient_checkpointing
 from loraflow.config import ModelConfig, TrainSettings
 
 NOTEBOOK = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, max_steps=60)
@@ -71,15 +73,19 @@ def test_cpu_trainer_computes_the_loss_without_chunked_recompute(tmp_path) -> No
     the lm_head under checkpointing, ~40 % slower a step here; padded rows, no TRL bin-packing."""
     import torch
 
+    from loraflow import backend_transformers
     from loraflow.builders import build_sft_config
 
-    config = build_sft_config(NOTEBOOK, MODEL, "transformers", torch.float32, tmp_path, packing=False)
+    cpu_model = SimpleNamespace(device="cpu")
+    layout = batch_layout(NOTEBOOK, MODEL, [], packing=False)
+    config = build_sft_config(NOTEBOOK, layout, False, torch.float32, backend_transformers.loss_type(cpu_model), False,
+                              tmp_path)
     assert config.loss_type == "nll" and config.use_cpu and not config.packing and not config.padding_free
 
 
-def test_the_loss_is_unsloths_fused_one_on_unsloth_and_trls_chunked_one_on_a_transformers_gpu() -> None:
-    from loraflow.builders import sft_loss_type
+def test_trls_chunked_loss_on_a_transformers_gpu() -> None:
+    """Unsloth's own rule ("nll": its fused cross-entropy) is checked where Unsloth imports: tests/test_gpu.py."""
+    from loraflow import backend_transformers
 
-    assert sft_loss_type("unsloth", on_cuda=True) == "nll"  # an explicit chunked_nll/None skips Unsloth's fused CE
-    assert sft_loss_type("transformers", on_cuda=True) == "chunked_nll"
-    assert sft_loss_type("transformers", on_cuda=False) == "nll"
+    assert backend_transformers.loss_type(SimpleNamespace(device="cuda")) == "chunked_nll"
+    assert backend_transformers.loss_type(SimpleNamespace(device="cpu")) == "nll"

@@ -10,18 +10,20 @@ from typing import Any
 import pytest
 import torch
 
+from loraflow.backends import choose_backend
 from loraflow.config import FinetuneConfig, load_config
 from loraflow.errors import ConfigError, QualityGateError
 from loraflow.models import resolve_model
 from loraflow.templates import ALPACA_ZH
-from tasks.attach_lora import attach_lora
-from tasks.fetch_dataset import fetch_dataset
-from tasks.format_prompts import Prompts, closed_label_set, format_prompts, load_tokenizer, split_rows
-from tasks.load_model import load_model
-from tasks.push_hub import push_hub
-from tasks.save_local import save_local
-from tasks.smoke_infer import smoke_infer
-from tasks.train import train_adapter
+from loraflow.backends import attach_lora
+from loraflow.data import read_dataset
+from loraflow.prompts import Prompts, closed_label_set, format_prompts, load_tokenizer, split_rows
+from loraflow.backends import load_model
+from loraflow.hub import push_hub
+from loraflow.outputs import save_local
+from loraflow.summary import RunSummary
+from loraflow.inference import smoke_infer
+from loraflow.training import TrainSpec, train_adapter
 from tests.conftest import TINY_CONFIG
 from tests.hub_standin import HubStandIn
 
@@ -38,7 +40,7 @@ def tokenizer(cfg: FinetuneConfig) -> Any:
 
 @pytest.fixture(scope="module")
 def prompts(cfg: FinetuneConfig, tokenizer: Any) -> Prompts:
-    return format_prompts(fetch_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
+    return format_prompts(read_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
 
 
 # --- format-prompts ----------------------------------------------------------------------------------------
@@ -98,19 +100,19 @@ def test_eval_prompts_stop_where_the_answer_starts(prompts: Prompts) -> None:
 def test_load_on_cpu_is_full_precision_with_one_warning(cfg: FinetuneConfig, caplog: pytest.LogCaptureFixture) -> None:
     four_bit = cfg.model.model_copy(update={"load_in_4bit": True})
     with caplog.at_level("WARNING"):
-        live = load_model(four_bit)
-    assert live.backend == "transformers" and live.device == "cpu" and live.dtype == torch.float32
+        live = load_model(four_bit, choose_backend(four_bit.backend))
+    assert live.backend.NAME == "transformers" and live.device == "cpu" and live.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in live.model.parameters())
     assert sum("4-bit loading needs CUDA" in r.message for r in caplog.records) == 1
 
 
 def test_unsloth_backend_without_cuda_is_a_config_error(cfg: FinetuneConfig) -> None:
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        load_model(cfg.model.model_copy(update={"backend": "unsloth"}))
+        choose_backend("unsloth")
 
 
 def test_attach_lora_trains_only_the_adapters(cfg: FinetuneConfig) -> None:
-    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     trainable = [name for name, p in live.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     targeted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}  # ...q_proj.lora_A.default.weight
@@ -131,12 +133,14 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(cfg: FinetuneConfig, prompts: Prompts, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    live = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     params = {name: p.detach().clone() for name, p in live.model.named_parameters()}
     base_before = {n: t for n, t in params.items() if "lora_" not in n}
     lora_before = {n: t for n, t in params.items() if "lora_" in n}
     store = tmp_path_factory.mktemp("store")
-    result = train_adapter(live, prompts, cfg.train, cfg.model, str(store), "adapters/test", "checkpoints/test")
+    spec = TrainSpec(model=cfg.model, lora=cfg.lora, train=cfg.train, backend="transformers", store_uri=str(store),
+                     prompts_key="prompts/unused.json", adapter_key="adapters/test", checkpoints_prefix="checkpoints/test")
+    result = train_adapter(live, prompts, spec).metrics
     return Trained(live, result, base_before, lora_before, store)
 
 
@@ -170,7 +174,7 @@ def test_smoke_infer_answers_end_with_eos_and_score_accuracy(trained: Trained, p
 
 
 def test_smoke_infer_fails_an_untrained_model(cfg: FinetuneConfig, prompts: Prompts) -> None:
-    untrained = attach_lora(load_model(cfg.model), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    untrained = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
     with pytest.raises(QualityGateError, match="unusable"):
         smoke_infer(untrained, prompts, cfg.infer)
 
@@ -179,7 +183,8 @@ def test_saved_adapter_reloads_with_identical_logits(trained: Trained, tmp_path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = save_local(str(trained.store), "adapters/test", str(tmp_path / "out"), {"model": "tiny"}, "# card")
+    out = str((tmp_path / "out").resolve())
+    save_local(run_summary(), "# card", b"png", str(trained.store), "adapters/test", None, out)
     files = {p.name for p in Path(out).iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "summary.json", "README.md"} <= files
     assert json.loads((Path(out) / "summary.json").read_text())["adapter_dir"] == out
@@ -192,6 +197,22 @@ def test_saved_adapter_reloads_with_identical_logits(trained: Trained, tmp_path:
         expected = trained.live.model(**ids).logits
         actual = reloaded(**ids).logits
     assert torch.equal(expected, actual)
+
+
+def run_summary() -> RunSummary:
+    """A summary with every field set (the values do not matter to save-local)."""
+    from loraflow.summary import QualityGate
+
+    return RunSummary(
+        flow_run_id="test", backend="transformers", model="tiny", model_revision=None, prompt_template="alpaca",
+        lora={}, train_settings={}, dataset_uri="d.json", dataset_sha256="0", eval_dataset_uri=None,
+        num_train_examples=1, num_eval_examples=0, train_steps=1, resumed_from_step=0, train_loss_first=1.0,
+        train_loss_last=0.5, train_losses=[(1, 1.0)], train_runtime_seconds=1.0, train_tokens_per_second=1.0,
+        packing=False, peak_memory_bytes=1, eval_accuracy=None, base_eval_accuracy=None, eval_scoring=None,
+        eval_accuracy_greedy=None, eval_per_label=None, base_eval_per_label=None,
+        quality_gate=QualityGate(min_eval_accuracy=None, require_beat_base=False, failures=[]), labels=None,
+        smoke_answers=[], loss_curve_uri="file:///x", adapter_uri="x", summary_uri="x", cached_tasks=[],
+    )
 
 
 # --- push-hub --------------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class Receiver:
                "LORAFLOW_WEBHOOK_SNS_HOSTS": f"127.0.0.1:{moto['port']}",
                "PREFECT_API_URL": api_url or stack["api"]}
         self.log = open(db.with_suffix(f".{self.port}.log"), "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "webhook", "serve", "--host",
+        self.process = subprocess.Popen([sys.executable, "-m", "cli", "webhook", "serve", "--host",
                                          "127.0.0.1", "--port", str(self.port)], env=env, cwd=ROOT,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

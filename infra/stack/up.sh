@@ -83,7 +83,7 @@ WEBHOOK_PORT=${LORAFLOW_WEBHOOK_PORT:-8787}
 LORAFLOW_WEBHOOK_SECRET=$(sed -n 's/^LORAFLOW_WEBHOOK_SECRET=//p' "$STACK/webhook.env") \
   start webhook env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
   LORAFLOW_WEBHOOK_ALLOWED="${LORAFLOW_WEBHOOK_ALLOWED:-$BUCKET/datasets/}" LORAFLOW_WEBHOOK_DB="$STACK/webhook.sqlite" \
-  "$BIN/python" -m loraflow.cli webhook serve --host 127.0.0.1 --port "$WEBHOOK_PORT"
+  "$BIN/python" -m cli webhook serve --host 127.0.0.1 --port "$WEBHOOK_PORT"
 wait_for "http://127.0.0.1:$WEBHOOK_PORT/health" 60
 
 # The worker's flow runs read the store through the AwsCredentials block, not through keys in their env;

@@ -1,18 +1,24 @@
-"""The only module that imports Unsloth: its import patches transformers, so nothing else may trigger it.
+"""The Unsloth backend, and the only module that imports Unsloth: its import patches transformers, so nothing
+else may trigger it.
 
-The flow imports this module first thing when the run's backend is unsloth, before transformers, TRL or
-PEFT load, which is the order Unsloth needs to apply all of its kernels.
+The flow imports this module (loraflow.backends.backend_named) first thing when the run's backend is unsloth,
+before transformers, TRL or PEFT load, which is the order Unsloth needs to apply all of its kernels.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loraflow.backends import LiveModel
 from loraflow.config import LoraSettings, ModelConfig
+from loraflow.logs import run_logger
+from loraflow.memory import activation_bytes, keep_gradient_checkpointing
 from loraflow.models import cache_dir
+from loraflow.scoring import whole_row_log_likelihoods
 
 
 def compile_cache_dir() -> Path:
@@ -83,22 +89,27 @@ def use_flash_varlen(enabled: bool = True) -> bool:
 use_flash_varlen(os.environ.get("LORAFLOW_FLASH_VARLEN", "1") != "0")
 
 
-def load(model_path: str, cfg: ModelConfig, dtype: Any) -> tuple[Any, Any]:
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_path,
-        revision=cfg.revision,
-        max_seq_length=cfg.max_seq_length,
+NAME = "unsloth"
+SUPPORTS_PACKING = True  # Unsloth's attention reads the packed position ids and keeps each example to itself
+
+
+def load(path: str, model: ModelConfig, dtype: Any) -> LiveModel:
+    """FastLanguageModel.from_pretrained on GPU 0 (4-bit when model.load_in_4bit)."""
+    loaded, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path,
+        revision=model.revision,
+        max_seq_length=model.max_seq_length,
         dtype=dtype,
-        load_in_4bit=cfg.load_in_4bit,
+        load_in_4bit=model.load_in_4bit,
     )
-    return model, tokenizer
+    return LiveModel(loaded, tokenizer, sys.modules[__name__], "cuda", dtype, path)
 
 
-def attach_lora(model: Any, lora: LoraSettings, max_seq_length: int, seed: int) -> Any:
-    # auto starts as "unsloth"; train turns it off for a run whose activations fit (set_gradient_checkpointing)
+def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: int) -> Any:
+    """Unsloth's get_peft_model. auto checkpointing starts as Unsloth's; prepare_for_training may turn it off."""
     checkpointing: Any = {"auto": "unsloth", "unsloth": "unsloth", "true": True, "false": False}[lora.gradient_checkpointing]
     return FastLanguageModel.get_peft_model(
-        model,
+        live.model,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -110,15 +121,44 @@ def attach_lora(model: Any, lora: LoraSettings, max_seq_length: int, seed: int) 
     )
 
 
+def prepare_for_training(live: LiveModel, micro_batch_tokens: int) -> None:
+    """lora.gradient_checkpointing auto: off for this run when the activations of its largest micro-batch fit
+    (loraflow/memory.py); logs the decision with its numbers."""
+    import torch
+
+    if live.gradient_checkpointing != "auto":
+        return
+    free_bytes, _ = torch.cuda.mem_get_info()
+    keep = keep_gradient_checkpointing(live.model.config, micro_batch_tokens, free_bytes)
+    set_gradient_checkpointing(live.model, "unsloth" if keep else False)
+    run_logger().info(
+        "train: gradient checkpointing %s: activations of a %d-token micro-batch ≈ %.1f GiB, %.1f GiB of GPU memory free",
+        "on (Unsloth's)" if keep else "off", micro_batch_tokens,
+        activation_bytes(live.model.config, micro_batch_tokens) / 2**30, free_bytes / 2**30,
+    )
+
+
 def set_gradient_checkpointing(model: Any, mode: Any) -> None:
     """Checkpointing for the next train(): Unsloth's trainer re-applies, at the start of every train(), the mode
     get_peft_model recorded on the model (`_unsloth_gradient_checkpointing`), so that record is what to change."""
     model._unsloth_gradient_checkpointing = mode
 
 
-def for_inference(model: Any) -> None:
-    FastLanguageModel.for_inference(model)
+def prepare_for_inference(live: LiveModel) -> None:
+    FastLanguageModel.for_inference(live.model)
+    live.model.eval()
 
 
 def for_training(model: Any) -> None:
     FastLanguageModel.for_training(model)
+
+
+def loss_type(live: LiveModel) -> str:
+    """"nll", so the loss is Unsloth's fused cross-entropy. TRL's chunked head would bypass the model's forward
+    (Unsloth pins "nll" as the default itself, but any explicit value, None included, overrides that pin)."""
+    return "nll"
+
+
+def label_log_likelihoods(live: LiveModel, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    """Unsloth's fast inference path owns its cache: each (prompt, label) pair is one row of its own."""
+    return whole_row_log_likelihoods(live, prompts, completions)

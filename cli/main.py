@@ -57,33 +57,35 @@ def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def preflight(cfg: Any) -> None:
     """Everything that can be wrong with the input, found before Prefect starts or a model loads."""
-    from loraflow.builders import choose_backend
+    from loraflow.backends import check_backend
+    from loraflow.data import read_dataset
+    from loraflow.prompts import check_template_fits
     from loraflow.store import open_store
-    from tasks.fetch_dataset import fetch_dataset
-    from tasks.format_prompts import check_template_fits
 
-    datasets = [fetch_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
+    datasets = [read_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
     check_template_fits(cfg.prompt.template, datasets)
     open_store(cfg.output.store).check()
-    choose_backend(cfg.model.backend)
+    check_backend(cfg.model.backend)
 
 
-def print_result(summary: dict[str, Any]) -> None:
+def print_result(summary: Any) -> None:
+    """The run in a few lines, from its RunSummary."""
+    from loraflow.summary import LOSS_CURVE_FILE, SUMMARY_FILE
+
     print("\nsmoke-infer answers:")
-    for item in summary["smoke_answers"]:
-        expected = "" if item["expected"] is None else f"   (expected {item['expected']})"
-        print(f"  {item['input'] or '-'} -> {item['answer']}{expected}")
-    if summary["eval_accuracy"] is not None:
-        print(f"eval accuracy: {summary['eval_accuracy']:.3f} on {summary['num_eval_examples']} held-out examples "
-              f"(base model: {summary['base_eval_accuracy']:.3f}; {summary['eval_scoring']} scoring; "
-              f"greedy answers: {summary['eval_accuracy_greedy']:.3f})")
-    print(f"train loss: {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f} "
-          f"in {summary['train_steps']} steps")
-    print(f"adapter saved to: {summary['adapter_dir']}")
-    print(f"summary: {os.path.join(summary['adapter_dir'], 'summary.json')}")
-    print(f"loss curve: {os.path.join(summary['adapter_dir'], 'loss_curve.png')}")
-    if summary["hub_url"]:
-        print(f"pushed to: {summary['hub_url']}")
+    for item in summary.smoke_answers:
+        expected = "" if item.expected is None else f"   (expected {item.expected})"
+        print(f"  {item.input or '-'} -> {item.answer}{expected}")
+    if summary.eval_accuracy is not None:
+        print(f"eval accuracy: {summary.eval_accuracy:.3f} on {summary.num_eval_examples} held-out examples "
+              f"(base model: {summary.base_eval_accuracy:.3f}; {summary.eval_scoring} scoring; "
+              f"greedy answers: {summary.eval_accuracy_greedy:.3f})")
+    print(f"train loss: {summary.train_loss_first:.4f} -> {summary.train_loss_last:.4f} in {summary.train_steps} steps")
+    print(f"adapter saved to: {summary.adapter_dir}")
+    print(f"summary: {os.path.join(summary.adapter_dir, SUMMARY_FILE)}")
+    print(f"loss curve: {os.path.join(summary.adapter_dir, LOSS_CURVE_FILE)}")
+    if summary.hub_url:
+        print(f"pushed to: {summary.hub_url}")
 
 
 def run_command(args: argparse.Namespace) -> int:

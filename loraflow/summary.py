@@ -1,0 +1,174 @@
+"""The run summary: one typed record of a run, built from the step results.
+
+summary.json, the summary in the store, the Prefect artifacts (loraflow/report.py), the model card
+(loraflow/model_card.py) and the CLI's output all render from it. It holds no secrets: it is made from the
+config (which has none) and the step results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from loraflow.config import FinetuneConfig
+from loraflow.data import Dataset
+from loraflow.inference import InferResult
+from loraflow.prompts import Prompts
+from loraflow.quality import gate_failures
+from loraflow.training import AdapterRef
+
+LOSS_CURVE_FILE = "loss_curve.png"
+SUMMARY_FILE = "summary.json"
+
+
+class QualityGate(BaseModel):
+    min_eval_accuracy: float | None
+    require_beat_base: bool
+    failures: list[str]  # each way the adapter falls short, with its numbers; empty = passed (or off)
+
+    @property
+    def on(self) -> bool:
+        return self.min_eval_accuracy is not None or self.require_beat_base
+
+    @property
+    def verdict(self) -> str:
+        """"off", "passed" or "failed: <reasons>"."""
+        if not self.on:
+            return "off"
+        return "failed: " + "; ".join(self.failures) if self.failures else "passed"
+
+
+class SmokeAnswer(BaseModel):
+    """One answer of smoke-infer: the greedy text, and for a scored eval example the label each model counted as."""
+
+    instruction: str
+    input: str
+    answer: str
+    expected: str | None
+    label: str | None = None
+    base_label: str | None = None
+    base_answer: str | None = None  # the base model's greedy answer (greedy scoring only)
+
+
+class RunSummary(BaseModel):
+    """What a run did and measured. Accuracies are fractions of the scored eval examples (0..1)."""
+
+    flow_run_id: str
+    backend: str
+    model: str
+    model_revision: str | None
+    prompt_template: str
+    lora: dict[str, Any]  # the lora section as configured
+    train_settings: dict[str, Any]  # the train section as configured
+    dataset_uri: str
+    dataset_sha256: str
+    eval_dataset_uri: str | None
+    num_train_examples: int
+    num_eval_examples: int
+    train_steps: int
+    resumed_from_step: int
+    train_loss_first: float | None
+    train_loss_last: float | None
+    train_losses: list[tuple[int, float]]  # (optimizer step, loss) per logged step
+    train_runtime_seconds: float
+    train_tokens_per_second: float  # real (non-pad) tokens / s over train()
+    packing: bool
+    peak_memory_bytes: int
+    eval_accuracy: float | None
+    base_eval_accuracy: float | None
+    eval_scoring: str | None  # infer.label_scoring, when accuracy was measured
+    eval_accuracy_greedy: float | None
+    eval_per_label: dict[str, dict[str, float | int | None]] | None  # label -> precision, recall, support
+    base_eval_per_label: dict[str, dict[str, float | int | None]] | None
+    quality_gate: QualityGate
+    labels: list[str] | None
+    smoke_answers: list[SmokeAnswer]
+    loss_curve_uri: str
+    adapter_uri: str
+    summary_uri: str
+    adapter_dir: str | None = None  # the output folder, once save-local has written it
+    merged_dir: str | None = None
+    cached_tasks: list[str]
+    hub_url: str | None = None
+    duration_seconds: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+
+
+def smoke_answer_rows(inferred: InferResult) -> list[SmokeAnswer]:
+    """One row per answer; infer.prompts come after the eval examples and are not scored."""
+    def per_answer(values: list) -> list:
+        return values + [None] * (len(inferred.answers) - len(values))
+
+    return [
+        SmokeAnswer(instruction=a.instruction, input=a.input, answer=a.answer, expected=a.expected, label=label,
+                    base_label=base_label, base_answer=base_answer)
+        for a, label, base_label, base_answer in zip(
+            inferred.answers, per_answer(inferred.scored_labels), per_answer(inferred.base_scored_labels),
+            per_answer(inferred.base_answers))
+    ]
+
+
+def link_to(uri: str) -> str:
+    """A store URI as a link: s3:// stays as it is, a local path becomes file://."""
+    from pathlib import Path
+
+    return uri if "://" in uri else Path(uri).resolve().as_uri()
+
+
+def build_summary(
+    cfg: FinetuneConfig, backend: str, run_id: str, dataset: Dataset, prompts: Prompts, adapter: AdapterRef,
+    inferred: InferResult, cached_tasks: list[str], store_uris: dict[str, str],
+) -> RunSummary:
+    """The summary of a run before its output is written; `store_uris` gives the loss curve's and the summary's
+    places in the store (loraflow.outputs.run_record_uris)."""
+    metrics = adapter.metrics
+    return RunSummary(
+        flow_run_id=run_id,
+        backend=backend,
+        model=cfg.model.name,
+        model_revision=cfg.model.revision,
+        prompt_template=cfg.prompt.template,
+        lora=cfg.lora.model_dump(mode="json"),
+        train_settings=cfg.train.model_dump(mode="json"),
+        dataset_uri=cfg.data.uri,
+        dataset_sha256=dataset.sha256,
+        eval_dataset_uri=cfg.data.eval_uri,
+        num_train_examples=len(prompts.train_prompts),
+        num_eval_examples=len(prompts.eval_examples),
+        train_steps=metrics.steps,
+        resumed_from_step=metrics.resumed_from_step,
+        train_loss_first=metrics.loss_first,
+        train_loss_last=metrics.loss_last,
+        train_losses=metrics.losses,
+        train_runtime_seconds=metrics.runtime_seconds,
+        train_tokens_per_second=metrics.tokens_per_second,
+        packing=metrics.packing,
+        peak_memory_bytes=metrics.peak_memory_bytes,
+        eval_accuracy=inferred.accuracy,
+        base_eval_accuracy=inferred.base_accuracy,
+        eval_scoring=cfg.infer.label_scoring if inferred.scores else None,
+        eval_accuracy_greedy=inferred.greedy_accuracy,
+        eval_per_label=inferred.scores.as_dict() if inferred.scores else None,
+        base_eval_per_label=inferred.base_scores.as_dict() if inferred.base_scores else None,
+        quality_gate=QualityGate(
+            min_eval_accuracy=cfg.hub.min_eval_accuracy,
+            require_beat_base=cfg.hub.require_beat_base,
+            failures=gate_failures(cfg.hub, inferred.accuracy, inferred.base_accuracy),
+        ),
+        labels=prompts.labels,
+        smoke_answers=smoke_answer_rows(inferred),
+        loss_curve_uri=link_to(store_uris["loss_curve"]),
+        adapter_uri=adapter.uri,
+        summary_uri=store_uris["summary"],
+        cached_tasks=cached_tasks + (["train"] if adapter.reused else []),
+    )
+
+
+def finish(summary: RunSummary, started: float, **changes: Any) -> RunSummary:
+    """The summary with the last facts of the run (hub_url, the output folder, ...) and its duration in seconds."""
+    return summary.model_copy(update={**changes, "duration_seconds": round(time.time() - started, 2)})
