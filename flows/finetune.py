@@ -1,6 +1,6 @@
 """The fine-tuning flow: the Unsloth notebook's cells as Prefect tasks, in the notebook's order.
 
-    fetch-dataset -> format-prompts -> load-4bit-model -> attach-LoRA -> train -> smoke-infer -> save-local -> push-hub
+    fetch-dataset -> format-prompts -> load-4bit-model -> attach-LoRA -> train -> smoke-infer -> push-hub -> save-local
 
 An adapter already published for the same inputs is reused (no model loads, nothing trains). With
 output.save_merged, merge-model runs after smoke-infer. The output folder is written last, whole, whether the
