@@ -35,6 +35,7 @@ from tasks.push_hub import push_hub_task
 from tasks.save_local import save_local_task
 from tasks.smoke_infer import smoke_infer_task
 from tasks.train import train_task
+from tasks.train_on_devices import train_on_devices_task
 
 
 @flow(name="finetune")
@@ -56,7 +57,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         check_gate_measurable(cfg.hub, prompts.labels)  # a gate on accuracy needs labels: said before any model loads
         spec = plan_training(cfg, backend, dataset, eval_dataset, prompts)
         adapter = published_adapter(spec)  # trained before on the same inputs: load nothing, train nothing
-        if adapter is None:
+        if adapter is None and spec.world_size > 1:  # one process per GPU: each loads and attaches its own copy
+            adapter = train_on_devices_task(spec=spec, prompts=prompts)
+        elif adapter is None:
             model = load_model_task(model=cfg.model, backend=backend)
             model = attach_lora_task(model=model, lora=cfg.lora, max_seq_length=cfg.model.max_seq_length,
                                      seed=cfg.train.seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from loraflow.backends import LiveModel, cuda_available
+from loraflow.backends import LiveModel, cuda_available, local_device_index
 from loraflow.builders import build_bnb_config, build_peft_config
 from loraflow.config import LoraSettings, ModelConfig
 from loraflow.logs import run_logger
@@ -21,7 +21,7 @@ ATTENTION = "sdpa"
 
 
 def load(path: str, model: ModelConfig, dtype: Any) -> LiveModel:
-    """Base model and tokenizer from `path` (a folder or Hub id), on GPU 0 when there is one."""
+    """Base model and tokenizer from `path` (a folder or Hub id), on this rank's GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     on_cuda = cuda_available()
@@ -33,7 +33,7 @@ def load(path: str, model: ModelConfig, dtype: Any) -> LiveModel:
         revision=model.revision,
         dtype=dtype,
         quantization_config=build_bnb_config(dtype) if quantize else None,
-        device_map={"": 0} if on_cuda else None,
+        device_map={"": local_device_index()} if on_cuda else None,
         attn_implementation=ATTENTION,
     )
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision)

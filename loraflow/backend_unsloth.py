@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from loraflow.backends import LiveModel
+from loraflow.backends import LiveModel, local_device_index
 from loraflow.config import LoraSettings, ModelConfig
 from loraflow.logs import run_logger
 from loraflow.memory import activation_bytes, keep_gradient_checkpointing
@@ -94,13 +94,15 @@ SUPPORTS_PACKING = True  # Unsloth's attention reads the packed position ids and
 
 
 def load(path: str, model: ModelConfig, dtype: Any) -> LiveModel:
-    """FastLanguageModel.from_pretrained on GPU 0 (4-bit when model.load_in_4bit)."""
+    """FastLanguageModel.from_pretrained on this rank's GPU (4-bit when model.load_in_4bit); Unsloth's documented
+    multi-GPU path is one process per GPU with device_map={"": local_rank}."""
     loaded, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path,
         revision=model.revision,
         max_seq_length=model.max_seq_length,
         dtype=dtype,
         load_in_4bit=model.load_in_4bit,
+        device_map={"": local_device_index()},
     )
     return LiveModel(loaded, tokenizer, sys.modules[__name__], "cuda", dtype, path)
 

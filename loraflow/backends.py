@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -62,10 +63,41 @@ class LiveModel:
     gradient_checkpointing: str = "auto"  # lora.gradient_checkpointing, once attach-LoRA has run
 
 
+def local_device_index() -> int:
+    """The GPU this process trains on: its local rank when a launcher (accelerate, torchrun) started it, else 0."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def visible_gpus() -> int:
+    """GPUs this worker may use: those CUDA_VISIBLE_DEVICES lists, else every GPU torch sees; 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return len([device for device in listed.split(",") if device.strip()])
+    return torch.cuda.device_count()
+
+
+def resolve_world_size(num_devices: str | int) -> int:
+    """train.num_devices -> ranks: auto = every visible GPU (1 on a CPU); a number is checked against the GPUs.
+
+    On a CPU a number > 1 runs that many gloo ranks (how CI tests this path). Raises ConfigError when more GPUs
+    are asked for than the worker sees."""
+    gpus = visible_gpus()
+    if num_devices == "auto":
+        return max(gpus, 1)
+    if gpus and num_devices > gpus:
+        raise ConfigError(f"train.num_devices: {num_devices} asked for, {gpus} GPU(s) visible to this worker "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return num_devices
 
 
 def check_backend(requested: str) -> None:

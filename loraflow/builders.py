@@ -86,5 +86,9 @@ def build_sft_config(
         logging_nan_inf_filter=False,
         report_to="none",
         dataloader_num_workers=0,
+        # Several ranks (train.num_devices): how long one waits for the others in a collective; LoRA under
+        # checkpointing trains every adapter each step, so DDP need not search the graph for unused parameters.
+        ddp_timeout=train.ddp_timeout_seconds,
+        ddp_find_unused_parameters=False,
         disable_tqdm=True,
     )

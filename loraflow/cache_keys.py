@@ -23,9 +23,13 @@ def library_versions() -> dict[str, str | None]:
     return {name: version(name) for name in TRAINING_LIBRARIES}
 
 
-# How often checkpoints are written changes nothing that is trained, and a rerun with another interval should
-# still find the checkpoints and the adapter of the same training.
-NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit"}
+# Settings that change nothing that is trained:
+# - how often checkpoints are written: a rerun with another interval still finds the checkpoints and the adapter;
+# - how many GPUs share the work: every optimizer step sees the same examples (the effective batch is the
+#   configured one, its micro-batches spread over the ranks) and the loss is normalised by the tokens of the whole
+#   step on every rank count, so 1 or N GPUs give the same training up to the order of float additions;
+# - how long a rank waits for the others.
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_timeout_seconds"}
 
 
 def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:

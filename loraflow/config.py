@@ -109,11 +109,26 @@ class TrainSettings(Section):
     packing: Literal["auto", "true", "false"] = Field(
         "auto", description="Padding-free packing of short examples; auto = on where the backend supports it."
     )
+    num_devices: Literal["auto"] | int = Field(
+        "auto",
+        description="GPUs (ranks) one run trains on, data parallel: auto = every GPU the worker sees "
+        "(CUDA_VISIBLE_DEVICES, else all; 1 on a CPU), or a number (on a CPU: that many gloo ranks). The effective "
+        "batch stays per_device_batch_size × gradient_accumulation_steps: the accumulation is divided among the ranks.",
+    )
+    ddp_timeout_seconds: int = Field(
+        600, gt=0, description="How long a rank waits in a collective for the others before the run fails.")
 
     @field_validator("packing", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         return str(value).lower() if isinstance(value, bool) else value
+
+    @field_validator("num_devices")
+    @classmethod
+    def _positive_devices(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or a number ≥ 1")
+        return value
 
     @model_validator(mode="after")
     def _has_a_length(self) -> "TrainSettings":

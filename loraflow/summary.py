@@ -76,7 +76,9 @@ class RunSummary(BaseModel):
     train_runtime_seconds: float
     train_tokens_per_second: float  # real (non-pad) tokens / s over train()
     packing: bool
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # on a GPU: the peak allocation of rank 0's GPU
+    world_size: int = 1  # ranks (GPUs) that trained the adapter
+    train_layout: str = ""  # how each optimizer step was split: examples × micro-batches × ranks
     eval_accuracy: float | None
     base_eval_accuracy: float | None
     eval_scoring: str | None  # infer.label_scoring, when accuracy was measured
@@ -149,6 +151,8 @@ def build_summary(
         train_tokens_per_second=metrics.tokens_per_second,
         packing=metrics.packing,
         peak_memory_bytes=metrics.peak_memory_bytes,
+        world_size=metrics.world_size,
+        train_layout=metrics.layout,
         eval_accuracy=inferred.accuracy,
         base_eval_accuracy=inferred.base_accuracy,
         eval_scoring=cfg.infer.label_scoring if inferred.scores else None,

@@ -11,19 +11,11 @@ server is left behind; elsewhere Prefect's default (the server in the run's grou
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import subprocess
 import sys
 from typing import Any
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def end_with_parent() -> None:
-    """In the server's child process, before exec: SIGTERM it when the process that started it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
+from loraflow.processes import end_with_parent_sigterm
 
 def start_temporary_server_in_own_session() -> None:
     """Make Prefect (3.9's SubprocessASGIServer) start its temporary server in a session of its own (Linux only)."""
@@ -38,7 +30,7 @@ def start_temporary_server_in_own_session() -> None:
     def run_uvicorn_in_own_session(self: Any) -> subprocess.Popen[Any]:
         popen = server.subprocess.Popen
         server.subprocess.Popen = lambda *args, **kwargs: popen(  # type: ignore[misc]
-            *args, **kwargs, start_new_session=True, preexec_fn=end_with_parent
+            *args, **kwargs, start_new_session=True, preexec_fn=end_with_parent_sigterm
         )
         try:
             return start_server(self)

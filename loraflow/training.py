@@ -13,6 +13,9 @@ task retry, a flow retry, a rerun after a crash) resumes from the newest complet
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraflow.backends import LiveModel, attach_lora, backend_named, keep_trained, load_model
+from loraflow.backends import LiveModel, attach_lora, backend_named, keep_trained, load_model, resolve_world_size
 from loraflow.batching import BatchLayout, batch_layout, packing_enabled
 from loraflow.builders import build_sft_config
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
@@ -31,6 +34,7 @@ from loraflow.config import FinetuneConfig, LoraSettings, ModelConfig, TrainSett
 from loraflow.data import Dataset
 from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.logs import run_logger
+from loraflow.processes import end_with_parent
 from loraflow.progress import train_progress_callback
 from loraflow.prompts import Prompts, load_prompts, prompts_key
 from loraflow.step_clock import StepClock, peak_memory_bytes
@@ -50,6 +54,7 @@ class TrainSpec(BaseModel):
     prompts_key: str  # the prompt set in the store (loraflow.prompts.store_prompts)
     adapter_key: str  # where the adapter is published: adapters/<train cache key>
     checkpoints_prefix: str | None = None  # where checkpoints go; None: none stored, none resumed (benchmarks)
+    world_size: int = 1  # ranks (one process per GPU) that share each step; > 1: launched by loraflow.launcher
 
 
 @dataclass
@@ -66,6 +71,8 @@ class TrainMetrics:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     step_tokens: list[int] = field(default_factory=list)  # real (non-pad) tokens of each optimizer step
     resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
+    world_size: int = 1  # ranks that trained it
+    layout: str = ""  # how each step was split: examples × micro-batches × ranks (loraflow.batching.BatchLayout)
 
     @property
     def steady_tokens_per_second(self) -> float:
@@ -94,20 +101,28 @@ class AdapterRef:
     metrics: TrainMetrics
     reused: bool = False  # True: an earlier run with the same inputs trained it; this run trained nothing
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "AdapterRef":
+        """The inverse of dataclasses.asdict (JSON from a training process)."""
+        metrics = dict(fields["metrics"])
+        metrics["losses"] = [tuple(pair) for pair in metrics["losses"]]
+        return cls(**{**fields, "metrics": TrainMetrics(**metrics)})
+
 
 def log_plan(train: TrainSettings, lengths: list[int], layout: BatchLayout, packing: bool) -> None:
     """nanoGPT-style: the derived numbers, before the first step."""
     mean_tokens = sum(lengths) / len(lengths)
     effective_batch = train.per_device_batch_size * train.gradient_accumulation_steps
-    # examples per optimizer step = batch × accumulation, packed or not; tokens per step = that × mean length
-    rows = (f"{layout.accumulation} padding-free row(s) of {layout.batch_size} examples per step" if packing
-            else f"{layout.batch_size} × {layout.accumulation} padded rows of ≤{layout.row_tokens} tokens")
+    # examples per optimizer step = batch × accumulation, packed or not, on any number of ranks;
+    # tokens per step = that × mean length
+    rows = (f"padding-free rows of {layout.batch_size} examples" if packing
+            else f"padded rows of ≤{layout.row_tokens} tokens")
     run_logger().info(
-        "train: %d texts (mean %.0f, max %d tokens), effective batch %d examples = %d × %d accumulation, "
-        "~%.0f tokens per step, packing %s (%s), max_steps %s, epochs %s, lr %g",
+        "train: %d texts (mean %.0f, max %d tokens), effective batch %d examples = %d × %d accumulation "
+        "(per step: %s; %s), ~%.0f tokens per step, packing %s, max_steps %s, epochs %s, lr %g",
         len(lengths), mean_tokens, max(lengths), effective_batch, train.per_device_batch_size,
-        train.gradient_accumulation_steps, effective_batch * mean_tokens, "on" if packing else "off", rows,
-        train.max_steps, train.num_epochs, train.learning_rate,
+        train.gradient_accumulation_steps, layout.describe(), rows, effective_batch * mean_tokens,
+        "on" if packing else "off", train.max_steps, train.num_epochs, train.learning_rate,
     )
 
 
@@ -122,7 +137,7 @@ def build_trainer(
 
     packing = packing_enabled(train, live.backend.SUPPORTS_PACKING)
     lengths = [len(ids) for ids in live.tokenizer(prompts.train_texts)["input_ids"]]
-    layout = batch_layout(train, model, lengths, packing)
+    layout = batch_layout(train, model, lengths, packing, current_world_size())
     args = build_sft_config(train, layout, live.device == "cuda", live.dtype, live.backend.loss_type(live), packing,
                             work_dir / "checkpoints")
     log_plan(train, lengths, layout, packing)
@@ -143,11 +158,12 @@ def build_trainer(
     return trainer
 
 
-def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef:
+def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef | None:
     """Train LoRA weights on `live`, publish adapter + tokenizer to the store under spec.adapter_key.
 
     Checkpoints go to the store under spec.checkpoints_prefix as they are written; when one is there already,
     training resumes from the newest (weights, optimizer, scheduler, RNG, data position, loss history).
+    In a launch of several ranks every rank trains and rank 0 alone publishes: the others return None.
     Raises TrainingOutOfMemoryError (never retried) when the GPU runs out of memory.
     """
     if live.device == "cuda":
@@ -169,12 +185,14 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
         clock.start()
         output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
         runtime = time.perf_counter() - clock.started
+        # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
+        losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+        step_seconds, step_tokens = clock.step_seconds(), summed_over_ranks(clock.step_tokens())
+        if not trainer.is_world_process_zero():
+            return None  # rank 0 alone publishes
         adapter_dir = Path(work) / "adapter"
         live.model.save_pretrained(adapter_dir)
         live.tokenizer.save_pretrained(adapter_dir)
-        # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
-        losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-        step_seconds, step_tokens = clock.step_seconds(), clock.step_tokens()
         metrics = TrainMetrics(
             steps=int(output.global_step),
             losses=losses,
@@ -186,6 +204,8 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
             step_seconds=step_seconds,
             step_tokens=step_tokens,
             resumed_from_step=resumed_from_step,
+            world_size=current_world_size(),
+            layout=trainer_layout(trainer),
         )
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(metrics), indent=1))
         uri = store.put_folder(adapter_dir, spec.adapter_key)
@@ -198,6 +218,30 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
     )
     keep_trained(spec.adapter_key, live)
     return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics)
+
+
+def current_world_size() -> int:
+    """Ranks in this training: WORLD_SIZE as a launcher (accelerate, torchrun) set it, else 1."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def summed_over_ranks(values: list[int]) -> list[int]:
+    """Each rank counted its own tokens per step; the step's tokens are their sum (an all-reduce across ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def trainer_layout(trainer: Any) -> str:
+    args = trainer.args
+    return (f"{args.per_device_train_batch_size} examples × {args.gradient_accumulation_steps} micro-batches × "
+            f"{args.world_size} rank(s)")
 
 
 def train_or_explain_oom(trainer: Any, spec: TrainSpec, resume_from: str | None) -> Any:
@@ -234,10 +278,11 @@ def plan_training(
     return TrainSpec(
         model=cfg.model, lora=cfg.lora, train=cfg.train, backend=backend, store_uri=cfg.output.store,
         prompts_key=prompts_key(prompts), adapter_key=adapter_key(key), checkpoints_prefix=checkpoints_prefix(key),
+        world_size=resolve_world_size(cfg.train.num_devices),
     )
 
 
-def run_spec(spec: TrainSpec) -> AdapterRef:
+def run_spec(spec: TrainSpec) -> AdapterRef | None:
     """A whole training from the spec alone: load the base model, attach LoRA, read the prompts, train, publish."""
     store = open_store(spec.store_uri)
     live = attach_lora(load_model(spec.model, spec.backend), spec.lora, spec.model.max_seq_length, spec.train.seed)
@@ -245,13 +290,53 @@ def run_spec(spec: TrainSpec) -> AdapterRef:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loraflow.training <spec.json>`: run a TrainSpec in this process; prints the AdapterRef as JSON."""
+    """`python -m loraflow.training <spec.json> [<result dir>]`: run a TrainSpec in this process (one rank of a
+    launch, or alone). Rank 0 prints the AdapterRef as JSON and writes it to <result dir>/adapter.json; a rank that
+    fails writes <result dir>/error-rank<N>.json (what failed, and whether a retry could get past it)."""
     args = sys.argv[1:] if argv is None else argv
     spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
-    backend_named(spec.backend)  # Unsloth, where it is the backend, before anything loads transformers
-    adapter = run_spec(spec)
-    print(json.dumps(asdict(adapter)))
+    results = Path(args[1]) if len(args) > 1 else None
+    rank = int(os.environ.get("RANK", 0))
+    if "LOCAL_RANK" in os.environ:  # a launcher's rank: it starts ranks in sessions of their own, so a signal to
+        end_with_parent(signal.SIGKILL)  # the run's group misses them; they must not outlive the launcher
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"rank {rank}: %(message)s")
+    try:
+        backend_named(spec.backend)  # Unsloth, where it is the backend, before anything loads transformers
+        allow_indexed_cpu_locations()
+        adapter = run_spec(spec)
+    except BaseException as exc:
+        if results:
+            (results / f"error-rank{rank}.json").write_text(json.dumps(describe_failure(exc)))
+        raise
+    if adapter is not None:
+        body = json.dumps(asdict(adapter))
+        if results:
+            (results / "adapter.json").write_text(body)
+        print(body)
     return 0
+
+
+def allow_indexed_cpu_locations() -> None:
+    """CPU ranks (gloo) run on accelerate's device "cpu:<rank>", and the trainer resumes a checkpoint with
+    torch.load(map_location=that device); torch's loader knows the location "cpu" only. Tensors bound for
+    "cpu:<n>" are CPU tensors already: accept them as they are."""
+    import torch
+
+    def deserialize(obj: Any, location: str) -> Any:
+        return obj if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(99, lambda obj: None, deserialize)
+
+
+def describe_failure(exc: BaseException) -> dict[str, Any]:
+    """What the launching process needs to fail the step the way an in-process failure would (retry or not)."""
+    from loraflow.errors import LoraflowInputError
+    from loraflow.retries import is_transient
+
+    kind = ("out_of_memory" if isinstance(exc, TrainingOutOfMemoryError) else
+            "input" if isinstance(exc, LoraflowInputError) else
+            "transient" if is_transient(exc) else "other")
+    return {"kind": kind, "type": type(exc).__name__, "message": str(exc)}
 
 
 if __name__ == "__main__":
