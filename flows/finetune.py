@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from loraflow.builders import choose_backend
+from loraflow.builders import choose_backend, packing_enabled
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
@@ -61,6 +61,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     started = time.time()
     cfg = resolve_config(config, config_file)
     backend = choose_backend(cfg.model.backend)
+    # train.packing: true without attention that keeps packed examples apart is a config error: say so before any
+    # model loads. Only Unsloth has it here (the transformers backend loads sdpa); train checks the loaded model too.
+    packing_enabled(cfg.train, backend, None)
     if backend == "unsloth":
         import loraflow.unsloth_backend  # noqa: F401  (Unsloth must load before transformers, TRL and PEFT)
 
