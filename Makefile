@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, fine-tune SmolLM2-135M on the shipped demo data (CPU, ~5 min)
 #   make test   same set-up, then the whole test suite
+#   make test-fast   the tests that neither train nor start servers (pytest -m 'not slow'), a few minutes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-gpu stack stack-down clean
+.PHONY: install demo test test-fast test-gpu stack stack-down clean
 
 install: $(STAMP)
 
@@ -33,6 +34,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

@@ -7,6 +7,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+from loraflow.backends import cuda_available
 from loraflow.config import FinetuneConfig
 from loraflow.fingerprint import dataset_fingerprint, stable_hash
 
@@ -34,7 +35,8 @@ NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_t
 
 def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
     """The adapter depends on: data, split, template, model (name, revision, precision), LoRA, training
-    settings (not the checkpoint interval), backend and library versions. Not on infer, output or hub settings."""
+    settings (not the checkpoint interval or the number of ranks), backend, device kind and library versions. Not on
+    infer, output or hub settings."""
     return stable_hash(
         data_sha256,
         eval_sha256,
@@ -49,6 +51,8 @@ def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, ba
         cfg.lora,
         cfg.train.model_dump(mode="json", exclude=NOT_TRAINING_SETTINGS),
         backend,
+        # dtype auto, optimizer auto and load_in_4bit resolve by device: fp32, adamw_torch and no NF4 on a CPU
+        "cuda" if cuda_available() else "cpu",
         library_versions(),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,23 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, tim
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny config trained once per session through `loraflow run`, pushing to the Hub stand-in:
+    tests/test_flow.py checks this run; tests that need the tiny config's adapter already published reuse its
+    store (`work / "store"`), where the train key (data bytes, config, libraries) finds it."""
+    from tests.hub_standin import HubStandIn
+
+    work = tmp_path_factory.mktemp("flow")
+    with HubStandIn() as hub:
+        result = run_cli(
+            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+            "--set", f"output.store={work / 'store'}", "--set", "hub.repo_id=loraflow-tests/tiny-adapter",
+            # Offline mode would block even the local stand-in; the models come from local files regardless.
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    return {"result": result, "summary": summary, "hub": hub.record, "work": work}

@@ -47,3 +47,19 @@ class PrefectReader:
     def state(self, flow_run_id: str) -> Any:
         with self.client() as client:
             return client.read_flow_run(UUID(flow_run_id)).state
+
+    def task_runs(self, flow_run_id: str) -> list[Any]:
+        """The flow run's task runs (each with its name, run_count and final state), oldest first."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.client.schemas.sorting import TaskRunSort
+
+        with self.client() as client:
+            return client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+            )
+
+    def task_run_states(self, task_run_id: Any) -> list[Any]:
+        """Every state the task run went through, as the server recorded them, oldest first."""
+        with self.client() as client:
+            states = client.read_task_run_states(UUID(str(task_run_id)))
+        return sorted(states, key=lambda state: state.timestamp)

@@ -43,6 +43,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"result": result, "summary": summary, "hub": hub.record, "work": work, "artifacts": artifacts}
 
 
+@pytest.mark.slow
 def test_metrics_table_artifact_holds_the_runs_numbers(run: dict) -> None:
     table = run["artifacts"][METRICS_ARTIFACT_KEY]
     assert table.type == "table"
@@ -59,6 +60,7 @@ def test_metrics_table_artifact_holds_the_runs_numbers(run: dict) -> None:
     assert rows["quality gate"] == "passed"
 
 
+@pytest.mark.slow
 def test_report_links_the_loss_curve_and_lists_every_answer(run: dict) -> None:
     report = run["artifacts"][REPORT_ARTIFACT_KEY]
     assert report.type == "markdown"
@@ -77,6 +79,7 @@ def test_report_links_the_loss_curve_and_lists_every_answer(run: dict) -> None:
         assert f"| {item['input']} |" in report.data and f"| {item['answer']} |" in report.data
 
 
+@pytest.mark.slow
 def test_loss_curve_is_a_png_plot(run: dict) -> None:
     from matplotlib.image import imread
 
@@ -87,12 +90,14 @@ def test_loss_curve_is_a_png_plot(run: dict) -> None:
     assert pixels.std() > 0  # not a blank image
 
 
+@pytest.mark.slow
 def test_progress_artifact_reached_100_percent_during_train(run: dict) -> None:
     progress = run["artifacts"][PROGRESS_ARTIFACT_KEY]
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.task_run_id is not None  # made by the train task, while it trained
 
 
+@pytest.mark.slow
 def test_terminal_shows_a_progress_bar_with_loss_and_tokens_per_second(run: dict) -> None:
     stderr = run["result"].stderr
     assert "train: 100%" in stderr and "120/120" in stderr
@@ -100,6 +105,7 @@ def test_terminal_shows_a_progress_bar_with_loss_and_tokens_per_second(run: dict
     assert "{'loss'" not in run["result"].stdout + stderr  # the bar replaces transformers' dict per step
 
 
+@pytest.mark.slow
 def test_accuracy_and_per_label_scores_follow_from_the_answers(run: dict) -> None:
     """Recompute accuracy, precision and recall from the labels in summary.json, for both models and greedy."""
     summary = run["summary"]
@@ -125,6 +131,7 @@ def test_accuracy_and_per_label_scores_follow_from_the_answers(run: dict) -> Non
     assert summary["eval_accuracy"] >= 0.3  # what let the gate pass
 
 
+@pytest.mark.slow
 def test_passing_gate_pushes_the_card_with_both_accuracies_and_the_curve(run: dict) -> None:
     summary = run["summary"]
     assert summary["quality_gate"] == {"min_eval_accuracy": 0.3, "require_beat_base": False, "failures": []}

@@ -108,6 +108,7 @@ def test_chat_records_need_the_chat_template(tmp_path: Path, tokenizer: Any) -> 
         format_prompts(read_dataset(str(CHAT_DEMO)), None, cfg.prompt, cfg.data, cfg.infer, tokenizer)
 
 
+@pytest.mark.slow
 def test_flow_trains_on_a_chat_dataset_and_saves_the_merged_model(tmp_path: Path) -> None:
     """`loraflow run` on the shipped chat demo with the tiny model, responses-only loss, output.save_merged."""
     from tests.conftest import run_cli

@@ -78,6 +78,7 @@ def test_fetch_skips_a_checkpoint_deleted_while_it_downloads(tmp_path: Path, mon
     assert fetch_latest_checkpoint(store, "checkpoints/none", tmp_path / "resume2") is None
 
 
+@pytest.mark.slow
 def test_s3_checkpoints_keep_their_own_files_and_deleting_them_spares_shared_blobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "nanio"
     data.mkdir()
@@ -130,6 +131,7 @@ def crash_at(step: int) -> Any:
     return build
 
 
+@pytest.mark.slow
 def test_a_resumed_training_continues_the_loss_curve_of_an_uninterrupted_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

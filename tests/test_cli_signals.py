@@ -19,7 +19,10 @@ import pytest
 
 from tests.conftest import ROOT, TINY_CONFIG, run_cli
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server's parent-death signal is Linux's")
+pytestmark = [
+    pytest.mark.slow,  # training runs, stopped and started again
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server's parent-death signal is Linux's"),
+]
 
 
 def start_run(work: Path) -> tuple[subprocess.Popen, list[str]]:

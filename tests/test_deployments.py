@@ -17,6 +17,8 @@ import pytest
 
 from tests.local_stack import read_env_file, stack_env, stack_script
 
+pytestmark = pytest.mark.slow  # the local stack: Prefect server, nanio, worker
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BUCKET = "loraflow-deploy-tests"
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_CONFIG, run_cli
-from tests.hub_standin import HubStandIn
+pytestmark = pytest.mark.slow
 
 SUMMARY_KEYS = {
     "backend", "model", "dataset_uri", "dataset_sha256", "num_train_examples", "num_eval_examples", "train_steps",
@@ -20,18 +17,9 @@ TASKS = ["fetch-dataset", "format-prompts", "load-4bit-model", "attach-LoRA", "t
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    work = tmp_path_factory.mktemp("flow")
-    with HubStandIn() as hub:
-        result = run_cli(
-            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
-            "--set", f"output.store={work / 'store'}", "--set", "hub.repo_id=loraflow-tests/tiny-adapter",
-            # Offline mode would block even the local stand-in; the models come from local files regardless.
-            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
-        )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((work / "out" / "summary.json").read_text())
-    return {"result": result, "summary": summary, "hub": hub.record, "work": work}
+def flow_run(tiny_run: dict) -> dict:
+    """`loraflow run` on the tiny config with a Hub repo set (tests/conftest.py: tiny_run, shared by the session)."""
+    return tiny_run
 
 
 def test_every_task_ran_and_the_run_completed(flow_run: dict) -> None:
@@ -52,6 +40,14 @@ def test_summary_has_every_key_and_the_loss_fell(flow_run: dict) -> None:
     assert summary["eval_accuracy"] is not None
     assert summary["cached_tasks"] == []  # first run in a fresh store
     assert summary["adapter_dir"] == str(flow_run["work"] / "out")
+
+
+def test_packing_auto_is_off_on_the_cpu(flow_run: dict) -> None:
+    """train.packing: auto (the tiny config's) packs only where attention keeps examples apart (Unsloth,
+    flash-attention); transformers on a CPU runs sdpa, so the run trained on padded rows and says so."""
+    assert flow_run["summary"]["packing"] is False
+    log = flow_run["result"].stdout + flow_run["result"].stderr
+    assert "packing off (8 × 1 padded rows of ≤128 tokens)" in log
 
 
 def test_lora_weights_moved_from_their_initialisation(flow_run: dict) -> None:

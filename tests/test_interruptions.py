@@ -36,6 +36,8 @@ from tests.local_stack import (
 )
 from tests.s3_server import free_port
 
+pytestmark = pytest.mark.slow  # the local stack and training runs
+
 BUCKET = "loraflow-interruption-tests"
 TINY = "deployments/configs/tiny-cpu.yaml"  # relative to the project: the worker's runs start there
 HUB_REPO = "loraflow-tests/resumed"

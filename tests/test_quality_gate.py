@@ -54,6 +54,25 @@ def test_gate_on_free_text_outputs_is_an_input_error() -> None:
         check_gate_measurable(HubSettings(min_eval_accuracy=0.5), None)
 
 
+@pytest.mark.slow
+def test_loraflow_run_with_a_gate_on_free_text_exits_2_before_any_model_loads(tmp_path: Path) -> None:
+    """Thirty distinct answers are no label set, so hub.min_eval_accuracy cannot be measured: the run stops with
+    exit 2 after format-prompts, before load-4bit-model, and nothing is trained or published."""
+    rows = [{"instruction": "续写这句话。", "input": f"第{i}个句子", "output": f"这是第{i}个不同的回答"} for i in range(30)]
+    data = tmp_path / "free_text.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    result = run_cli("run", "--config", str(TINY_CONFIG), "--dataset", str(data), "--set", "hub.min_eval_accuracy=0.5",
+                     "--output", str(tmp_path / "out"), "--set", f"output.store={tmp_path / 'store'}")
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "hub.min_eval_accuracy" in errors[0] and "not a closed label set" in errors[0]
+    assert "Task run 'format-prompts" in log  # the labels were looked for ...
+    assert "Task run 'load-4bit-model" not in log and "Task run 'train" not in log  # ... and no model was loaded
+    assert not (tmp_path / "store" / "adapters").exists() and not (tmp_path / "store" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()
+
+
 # --- scores and the gate's verdict -------------------------------------------------------------------------------
 
 
@@ -178,6 +197,7 @@ def gated_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"result": result, "summary": summary, "hub": hub.record, "work": work, "state": state, "artifacts": artifacts}
 
 
+@pytest.mark.slow
 def test_failing_gate_fails_the_run_with_the_numbers(gated_run: dict) -> None:
     result, summary = gated_run["result"], gated_run["summary"]
     assert summary["eval_accuracy"] < 1.0, "the tiny model scored 1.0: this test needs an adapter that misses the gate"
@@ -191,11 +211,13 @@ def test_failing_gate_fails_the_run_with_the_numbers(gated_run: dict) -> None:
     assert state.is_failed() and failure in state.message
 
 
+@pytest.mark.slow
 def test_failing_gate_sent_nothing_to_the_hub(gated_run: dict) -> None:
     assert gated_run["hub"].requests == []
     assert gated_run["summary"]["hub_url"] is None
 
 
+@pytest.mark.slow
 def test_failing_gate_keeps_the_adapter_locally_and_in_the_store(gated_run: dict) -> None:
     out = gated_run["work"] / "out"
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "summary.json", "loss_curve.png"} <= {
@@ -204,6 +226,7 @@ def test_failing_gate_keeps_the_adapter_locally_and_in_the_store(gated_run: dict
     assert (Path(gated_run["summary"]["adapter_uri"]) / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_failing_gate_still_reports_its_numbers_as_artifacts(gated_run: dict) -> None:
     summary = gated_run["summary"]
     assert summary["quality_gate"]["failures"] == [f"eval accuracy {summary['eval_accuracy']:.4g} < hub.min_eval_accuracy 1"]

@@ -3,6 +3,7 @@ land whole under content-addressed keys, and a misconfigured store fails with a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,10 @@ import boto3
 import pytest
 
 from tests.conftest import DEMO_DATA, TINY_CONFIG, run_cli
+from tests.hub_standin import HubStandIn
 from tests.s3_server import free_port, nanio_server, s3_env
+
+pytestmark = pytest.mark.slow
 
 BUCKET = "loraflow-artifacts"
 
@@ -28,17 +32,21 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield {"endpoint": endpoint, "env": env, "client": client}
 
 
+def dataset_bytes(rows: list[dict]) -> bytes:
+    return json.dumps(rows, ensure_ascii=False).encode()
+
+
 def upload_dataset(s3: Any, rows: list[dict], key: str) -> str:
-    s3["client"].put_object(Bucket=BUCKET, Key=key, Body=json.dumps(rows, ensure_ascii=False).encode())
+    s3["client"].put_object(Bucket=BUCKET, Key=key, Body=dataset_bytes(rows))
     return f"s3://{BUCKET}/{key}"
 
 
-def run_flow(s3: Any, out: Path, dataset: str, *sets: str) -> tuple[dict, str]:
+def run_flow(s3: Any, out: Path, dataset: str, *sets: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
     args = ["run", "--config", str(TINY_CONFIG), "--dataset", dataset, "--output", str(out),
             "--set", f"output.store=s3://{BUCKET}/runs"]
     for assignment in sets:
         args += ["--set", assignment]
-    result = run_cli(*args, env=s3["env"])
+    result = run_cli(*args, env={**s3["env"], **(env or {})})
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return json.loads((out / "summary.json").read_text()), log
@@ -105,13 +113,42 @@ def test_changed_prompts_rerun_smoke_infer_only(two_runs: dict, s3: Any) -> None
     assert summary["smoke_answers"][-1]["input"] == "这家店的服务太差了"
 
 
+def test_a_rerun_that_changes_only_the_hub_repo_trains_nothing(two_runs: dict, s3: Any) -> None:
+    """hub.* is not part of what the adapter depends on: the same training is served from the store and pushed
+    to the newly named repo."""
+    with HubStandIn() as hub:
+        summary, log = run_flow(
+            s3, two_runs["work"] / "renamed", two_runs["dataset"], "hub.repo_id=loraflow-tests/renamed-adapter",
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
+        )
+    assert set(summary["cached_tasks"]) >= {"fetch-dataset", "format-prompts", "train", "smoke-infer"}
+    assert "Task run 'load-4bit-model" not in log
+    assert summary["adapter_uri"] == two_runs["first"]["adapter_uri"]
+    assert summary["hub_url"].endswith("/loraflow-tests/renamed-adapter")
+    pushed = hub.record.files["loraflow-tests/renamed-adapter"]["adapter_model.safetensors"]
+    local = two_runs["work"] / "first" / "adapter_model.safetensors"
+    assert pushed == local.read_bytes()  # what went up is the adapter the first run trained
+
+
 def test_one_changed_row_retrains(two_runs: dict, s3: Any) -> None:
-    rows = [dict(row) for row in two_runs["rows"]]
+    """The cache follows the bytes, not the object's name: the rows two_runs trained on, under a name never used
+    before, are served from the cache; the same key uploaded again with one row changed retrains (a cache keyed
+    on the URI alone would serve the old adapter, one keyed on the name would retrain the first time too)."""
+    key, rows = "datasets/reuploaded.json", [dict(row) for row in two_runs["rows"]]
+    dataset = upload_dataset(s3, rows, key)
+    before, before_log = run_flow(s3, two_runs["work"] / "reupload-before", dataset)
+    assert "train" in before["cached_tasks"] and "Task run 'load-4bit-model" not in before_log
+    assert before["adapter_uri"] == two_runs["first"]["adapter_uri"]
+    etag = s3["client"].head_object(Bucket=BUCKET, Key=key)["ETag"]
+
     rows[0]["input"] = rows[0]["input"] + "！"
-    dataset = upload_dataset(s3, rows, "datasets/sentiment-v2.json")
+    upload_dataset(s3, rows, key)  # the same key, one row changed
+    assert s3["client"].head_object(Bucket=BUCKET, Key=key)["ETag"] != etag
     summary, log = run_flow(s3, two_runs["work"] / "changed", dataset)
     assert summary["cached_tasks"] == []
-    assert "Task run 'load-4bit-model" in log
+    assert "Task run 'load-4bit-model" in log and "Task run 'train" in log
+    assert summary["dataset_uri"] == before["dataset_uri"] == dataset
+    assert summary["dataset_sha256"] == hashlib.sha256(dataset_bytes(rows)).hexdigest()
     assert summary["dataset_sha256"] != two_runs["first"]["dataset_sha256"]
     assert summary["adapter_uri"] != two_runs["first"]["adapter_uri"]
 
@@ -132,6 +169,8 @@ def test_misconfigured_store_fails_clearly(problem: str, expected: str, s3: Any,
                      "--set", f"output.store=s3://{bucket}/runs", env={**env, "LORAFLOW_CACHE_DIR": str(tmp_path / "c")})
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode in (1, 2)
+    # README's exit codes: refused credentials or a missing bucket are input (2); an endpoint down is not (1)
+    assert result.returncode == (1 if problem == "unreachable" else 2), result.stderr[-3000:]
     assert last_line.startswith("error: ") and expected in last_line
     assert env["AWS_ENDPOINT_URL"] in last_line and bucket in last_line
     assert "Traceback" not in result.stderr

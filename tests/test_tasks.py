@@ -144,6 +144,7 @@ def trained(cfg: FinetuneConfig, prompts: Prompts, tmp_path_factory: pytest.Temp
     return Trained(live, result, base_before, lora_before, store)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained: Trained, cfg: FinetuneConfig) -> None:
     result = trained.result
     assert result.steps == cfg.train.max_steps
@@ -152,6 +153,7 @@ def test_training_lowers_the_loss(trained: Trained, cfg: FinetuneConfig) -> None
     assert result.tokens_per_second > 0 and result.peak_memory_bytes > 0
 
 
+@pytest.mark.slow
 def test_training_changes_lora_weights_and_not_the_base(trained: Trained) -> None:
     now = dict(trained.live.model.named_parameters())
     assert all(torch.equal(now[n], before) for n, before in trained.base_before.items())
@@ -159,12 +161,14 @@ def test_training_changes_lora_weights_and_not_the_base(trained: Trained) -> Non
     assert len(changed) == len(trained.lora_before)
 
 
+@pytest.mark.slow
 def test_adapter_is_published_with_a_manifest(trained: Trained) -> None:
     folder = trained.store / "adapters" / "test"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(manifest["files"])
 
 
+@pytest.mark.slow
 def test_smoke_infer_answers_end_with_eos_and_score_accuracy(trained: Trained, prompts: Prompts, cfg: FinetuneConfig) -> None:
     result = smoke_infer(trained.live, prompts, cfg.infer)
     assert len(result.answers) == len(prompts.eval_examples) + len(prompts.infer_prompts)
@@ -179,6 +183,7 @@ def test_smoke_infer_fails_an_untrained_model(cfg: FinetuneConfig, prompts: Prom
         smoke_infer(untrained, prompts, cfg.infer)
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_identical_logits(trained: Trained, tmp_path: Path, cfg: FinetuneConfig) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -3,7 +3,11 @@ debounce, and the status codes through the ASGI app (its emitter points at a clo
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -171,3 +175,54 @@ def test_status_codes(client) -> None:
     assert again.status_code == 202 and again.json()["event_ids"] == accepted.json()["event_ids"]
     assert again.json()["accepted"][0]["duplicate"] is True
     assert [row["dataset_uri"] for row in store.rows()] == ["s3://data/datasets/a.json"]
+
+
+# --- signatures made the way README tells an uploader to, not with the receiver's own sign() ----------------------
+
+URL = "/hooks/dataset-upload"
+
+
+def documented_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """README: `X-Loraflow-Signature: sha256=<hex of HMAC-SHA256(secret, timestamp + "." + raw body)>`."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def test_a_body_signed_by_the_documented_formula_is_accepted_and_one_changed_byte_is_not(client) -> None:
+    http, store = client
+    body = json.dumps({"dataset_uri": "s3://data/datasets/情感 v2.json", "etag": "e9"}, ensure_ascii=False).encode()
+    timestamp = str(int(time.time()))
+    headers = {"X-Loraflow-Timestamp": timestamp, "X-Loraflow-Signature": documented_signature(SECRET, timestamp, body)}
+    assert http.post(URL, content=body.replace(b"v2", b"v3"), headers=headers).status_code == 401
+    assert store.rows() == []
+    accepted = http.post(URL, content=body, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    assert [row["dataset_uri"] for row in store.rows()] == ["s3://data/datasets/情感 v2.json"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="README's recipe uses openssl")
+def test_readmes_openssl_recipe_signs_what_the_receiver_accepts(client) -> None:
+    http, store = client
+    body = '{"dataset_uri": "s3://data/datasets/reviews.jsonl"}'
+    timestamp = str(int(time.time()))
+    recipe = "printf '%s.%s' \"$ts\" \"$body\" | openssl dgst -sha256 -hmac \"$LORAFLOW_WEBHOOK_SECRET\" -r | cut -d' ' -f1"
+    made = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, check=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "ts": timestamp, "body": body, "LORAFLOW_WEBHOOK_SECRET": SECRET})
+    signature = made.stdout.strip()
+    assert len(signature) == 64  # a bare hex digest
+    response = http.post(URL, content=body.encode(),
+                         headers={"X-Loraflow-Timestamp": timestamp, "X-Loraflow-Signature": f"sha256={signature}"})
+    assert response.status_code == 202, response.text
+    assert [row["dataset_uri"] for row in store.rows()] == ["s3://data/datasets/reviews.jsonl"]
+
+
+@pytest.mark.parametrize(("offset", "status"), [(301, 401), (-301, 401), (290, 202), (-290, 202)])
+def test_a_timestamp_more_than_300_s_off_is_refused_either_way(client, offset: int, status: int) -> None:
+    """Within 300 s of the receiver's clock, ahead or behind; a correct signature does not save a stale or a
+    future timestamp (a captured request replayed later, or one pre-signed to be replayed)."""
+    http, store = client
+    body = json.dumps({"dataset_uri": "s3://data/datasets/a.json", "etag": f"t{offset}"}).encode()
+    timestamp = str(int(time.time()) + offset)
+    response = http.post(URL, content=body, headers={"X-Loraflow-Timestamp": timestamp,
+                                                     "X-Loraflow-Signature": documented_signature(SECRET, timestamp, body)})
+    assert response.status_code == status, response.text
+    assert len(store.rows()) == (1 if status == 202 else 0)

@@ -27,6 +27,8 @@ from tests.conftest import DEMO_DATA, ROOT, TINY_CONFIG
 from tests.local_stack import stack_env, stack_script
 from tests.s3_server import free_port
 
+pytestmark = pytest.mark.slow  # moto, the receiver, the Prefect server and worker, training
+
 SECRET = "e2e-webhook-secret-0123456789abcdef"
 UPLOADS = "loraflow-uploads"
 HOOK = "/hooks/dataset-upload"
