@@ -159,14 +159,18 @@ def build_sft_config(
     output_dir: Path,
     packing: bool,
     layout: BatchLayout | None = None,
+    run_name: str | None = None,
 ) -> Any:
+    """TRL's SFTConfig from loraflow's settings, then train.trainer_args over them (the keys loraflow sets are
+    refused at validation, so those only add or override defaults such as dataloader_num_workers). `run_name` is
+    what trackers call the run: the Prefect flow run's name."""
     import torch
     from trl import SFTConfig
 
     on_cuda = cuda_available()
     optimizer = train.optimizer if train.optimizer != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
     layout = layout or batch_layout(train, model_cfg, [], packing=False)
-    return SFTConfig(
+    settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=layout.batch_size,
         gradient_accumulation_steps=layout.accumulation,
@@ -206,7 +210,9 @@ def build_sft_config(
         # Python catches up): train counts real tokens on the CPU instead, and a NaN loss is logged as NaN.
         include_num_input_tokens_seen="no",
         logging_nan_inf_filter=False,
-        report_to="none",
+        report_to=list(train.report_to) or "none",  # the integrations' own callbacks log (loraflow/tracking.py)
+        run_name=run_name,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    return SFTConfig(**{**settings, **train.trainer_args})

@@ -22,8 +22,15 @@ def library_versions() -> dict[str, str | None]:
 
 
 # How often checkpoints are written changes nothing that is trained, and a rerun with another interval should
-# still find the checkpoints and the adapter of the same training.
-NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit"}
+# still find the checkpoints and the adapter of the same training. Nor do the trackers it reports to: a rerun
+# that only adds one is served from the cache (it trains nothing, so reports nothing new).
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "report_to"}
+
+
+def train_settings_excluded(cfg: FinetuneConfig) -> set[str]:
+    """What of cfg.train the key leaves out. trainer_args only while empty: configs without them keep the keys
+    they had before the field existed, so their published adapters are still found."""
+    return NOT_TRAINING_SETTINGS | (set() if cfg.train.trainer_args else {"trainer_args"})
 
 
 def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
@@ -41,7 +48,7 @@ def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, ba
         cfg.model.max_seq_length,
         cfg.model.dtype,
         cfg.lora,
-        cfg.train.model_dump(mode="json", exclude=NOT_TRAINING_SETTINGS),
+        cfg.train.model_dump(mode="json", exclude=train_settings_excluded(cfg)),
         backend,
         library_versions(),
     )
