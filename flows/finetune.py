@@ -23,6 +23,7 @@ from loraflow.quality import check_gate_measurable, gate_failures
 from loraflow.report import LOSS_CURVE_FILE, link_to, loss_curve_png, publish_run_artifacts
 from loraflow.results import result_storage_for
 from loraflow.store import open_store
+from loraflow.tracking import check_tracking, runs_for_summary
 from tasks.attach_lora import attach_lora_task
 from tasks.fetch_dataset import fetch_dataset_task
 from tasks.format_prompts import format_prompts_task
@@ -60,6 +61,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     """
     started = time.time()
     cfg = resolve_config(config, config_file)
+    check_tracking(cfg.train)  # trainer_args against SFTConfig, trackers installed: before anything loads
     backend = choose_backend(cfg.model.backend)
     if backend == "unsloth":
         import loraflow.unsloth_backend  # noqa: F401  (Unsloth must load before transformers, TRL and PEFT)
@@ -131,6 +133,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         "smoke_answers": smoke_answer_rows(inferred),
         "loss_curve_uri": link_to(loss_curve_uri),
         "adapter_uri": trained.adapter_uri,
+        "tracker_runs": runs_for_summary(trained.tracker_runs, cfg.output.dir),
         "adapter_dir": None,
         "merged_dir": None,
         "cached_tasks": cached,

@@ -59,9 +59,11 @@ def preflight(cfg: Any) -> None:
     """Everything that can be wrong with the input, found before Prefect starts or a model loads."""
     from loraflow.builders import choose_backend
     from loraflow.store import open_store
+    from loraflow.tracking import check_tracking
     from tasks.fetch_dataset import fetch_dataset
     from tasks.format_prompts import check_template_fits
 
+    check_tracking(cfg.train)  # train.trainer_args against trl's SFTConfig, train.report_to's packages installed
     datasets = [fetch_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
     check_template_fits(cfg.prompt.template, datasets)
     open_store(cfg.output.store).check()
@@ -82,6 +84,8 @@ def print_result(summary: dict[str, Any]) -> None:
     print(f"adapter saved to: {summary['adapter_dir']}")
     print(f"summary: {os.path.join(summary['adapter_dir'], 'summary.json')}")
     print(f"loss curve: {os.path.join(summary['adapter_dir'], 'loss_curve.png')}")
+    for run in summary["tracker_runs"]:
+        print(f"{run['tracker']}: {run['url'] or run['run_id']}")
     if summary["hub_url"]:
         print(f"pushed to: {summary['hub_url']}")
 

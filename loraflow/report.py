@@ -11,6 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from loraflow.tracking import publish_tracker_links
+
 LOSS_CURVE_FILE = "loss_curve.png"
 METRICS_ARTIFACT_KEY = "finetune-metrics"
 REPORT_ARTIFACT_KEY = "finetune-report"
@@ -137,3 +139,4 @@ def publish_run_artifacts(summary: dict[str, Any], output_dir: str, loss_curve: 
                           description=f"loraflow: metrics of the fine-tune of {summary['model']}")
     create_markdown_artifact(report_markdown(summary, output_dir, loss_curve), key=REPORT_ARTIFACT_KEY,
                              description=f"loraflow: loss curve, accuracy and answers of {summary['model']}")
+    publish_tracker_links(summary["tracker_runs"])  # train.report_to: a link to each tracker's run

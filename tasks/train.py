@@ -33,6 +33,7 @@ from loraflow.logs import run_logger
 from loraflow.progress import train_progress_callback
 from loraflow.retries import retry_transient
 from loraflow.store import open_store
+from loraflow.tracking import attach_trackers, flow_run_name, tracked_runs
 from tasks.format_prompts import Prompts
 
 METRICS_FILE = "training_metrics.json"
@@ -52,6 +53,7 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     step_tokens: list[int] = field(default_factory=list)  # real (non-pad) tokens of each optimizer step
     resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
+    tracker_runs: list[dict[str, str | None]] = field(default_factory=list)  # train.report_to's runs (loraflow.tracking)
 
     @property
     def steady_tokens_per_second(self) -> float:
@@ -169,7 +171,8 @@ def build_trainer(
     packing = packing_enabled(train, live.backend, live.attn_implementation)
     lengths = [len(ids) for ids in live.tokenizer(prompts.train_texts)["input_ids"]]
     layout = batch_layout(train, model, lengths, packing)
-    args = build_sft_config(train, model, live.backend, live.dtype, work_dir / "checkpoints", packing, layout)
+    args = build_sft_config(train, model, live.backend, live.dtype, work_dir / "checkpoints", packing, layout,
+                            run_name=flow_run_name())
     log_plan(train, lengths, layout, packing)
     if live.backend == "unsloth" and live.gradient_checkpointing == "auto":
         choose_gradient_checkpointing(live, layout.batch_size * min(max(lengths), layout.row_tokens))
@@ -186,6 +189,7 @@ def build_trainer(
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
         clock.count_tokens(trainer.data_collator)
+    attach_trackers(trainer, train.report_to, work_dir / "adapter")  # TensorBoard's events go out with the adapter
     return trainer
 
 
@@ -253,6 +257,7 @@ def train_adapter(
             step_seconds=step_seconds,
             step_tokens=step_tokens,
             resumed_from_step=resumed_from_step,
+            tracker_runs=tracked_runs(trainer),
         )
         # The metrics travel with the adapter, so a later run that finds it in the store can report them.
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(result), indent=1))
