@@ -310,9 +310,11 @@ def load_tracker_credentials(report_to: list[str]) -> None:
                 from prefect.blocks.system import Secret
 
                 os.environ[variable] = str(Secret.load(block).get())
-                log.info("train: %s from the Prefect Secret block %r", variable, block)
             except Exception:  # no such block, or no Prefect API: the tracker decides if it needs the value
                 continue
+            from loraflow.logs import run_logger
+
+            run_logger().info("train: %s from the Prefect Secret block %r", variable, block)
 
 
 def peft_params(model: Any) -> dict[str, str]:
@@ -393,7 +395,7 @@ def wandb_run() -> dict[str, str | None]:
     import wandb
 
     run = wandb.run
-    offline = run.settings.mode == "offline" if hasattr(run.settings, "mode") else bool(run.offline)
+    offline = run.settings.mode == "offline"  # checked with wandb 0.31 (WANDB_MODE=offline)
     # Offline, the run is a local folder that `wandb sync` uploads later.
     url = Path(run.dir).parent.resolve().as_uri() if offline else run.url
     return {"tracker": "wandb", "run_name": run.name, "run_id": run.id, "url": redact_uri(url) if url else None,
