@@ -61,7 +61,9 @@ def preflight(cfg: Any) -> None:
     from loraflow.data import read_dataset
     from loraflow.prompts import check_template_fits
     from loraflow.store import open_store
+    from loraflow.tracking import check_tracking
 
+    check_tracking(cfg.train)  # train.trainer_args against trl's SFTConfig, train.report_to's packages installed
     datasets = [read_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
     check_template_fits(cfg.prompt.template, datasets)
     open_store(cfg.output.store).check()
@@ -84,6 +86,8 @@ def print_result(summary: Any) -> None:
     print(f"adapter saved to: {summary.adapter_dir}")
     print(f"summary: {os.path.join(summary.adapter_dir, SUMMARY_FILE)}")
     print(f"loss curve: {os.path.join(summary.adapter_dir, LOSS_CURVE_FILE)}")
+    for run in summary.tracker_runs:
+        print(f"{run['tracker']}: {run['url'] or run['run_id']}")
     if summary.hub_url:
         print(f"pushed to: {summary.hub_url}")
 

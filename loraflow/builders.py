@@ -35,16 +35,19 @@ def build_peft_config(lora: LoraSettings) -> Any:
 
 
 def build_sft_config(
-    train: TrainSettings, layout: BatchLayout, on_cuda: bool, dtype: Any, loss_type: str, packing: bool, output_dir: Path
+    train: TrainSettings, layout: BatchLayout, on_cuda: bool, dtype: Any, loss_type: str, packing: bool, output_dir: Path,
+    run_name: str | None = None,
 ) -> Any:
     """TRL's SFTConfig: the micro-batch and accumulation of `layout` (examples per step stay the config's
     batch × accumulation), the precision of `dtype` on CUDA, the backend's `loss_type`, padding-free rows when
-    `packing`, checkpoints every train.save_steps under `output_dir`."""
+    `packing`, checkpoints every train.save_steps under `output_dir`; then train.trainer_args over them (the keys
+    loraflow sets are refused at validation, so those only add or override defaults such as
+    dataloader_num_workers). `run_name` is what trackers call the run: the Prefect flow run's name."""
     import torch
     from trl import SFTConfig
 
     optimizer = train.optimizer if train.optimizer != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
-    return SFTConfig(
+    settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=layout.batch_size,
         gradient_accumulation_steps=layout.accumulation,
@@ -84,7 +87,8 @@ def build_sft_config(
         # Python catches up): train counts real tokens on the CPU instead, and a NaN loss is logged as NaN.
         include_num_input_tokens_seen="no",
         logging_nan_inf_filter=False,
-        report_to="none",
+        report_to=list(train.report_to) or "none",  # the integrations' own callbacks log (loraflow/tracking.py)
+        run_name=run_name,
         dataloader_num_workers=0,
         # Several ranks (train.num_devices): how long one waits for the others in a collective; LoRA under
         # checkpointing trains every adapter each step, so DDP need not search the graph for unused parameters.
@@ -92,3 +96,4 @@ def build_sft_config(
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
     )
+    return SFTConfig(**{**settings, **train.trainer_args})

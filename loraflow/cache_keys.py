@@ -30,7 +30,15 @@ def library_versions() -> dict[str, str | None]:
 #   configured one, its micro-batches spread over the ranks) and the loss is normalised by the tokens of the whole
 #   step on every rank count, so 1 or N GPUs give the same training up to the order of float additions;
 # - how long a rank waits for the others.
-NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_timeout_seconds"}
+# - the trackers it reports to: a rerun that only adds one is served from the cache (it trains nothing, so reports
+#   nothing new).
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_timeout_seconds", "report_to"}
+
+
+def train_settings_excluded(cfg: FinetuneConfig) -> set[str]:
+    """What of cfg.train the key leaves out. trainer_args only while empty: configs without them keep the keys
+    they had before the field existed, so their published adapters are still found."""
+    return NOT_TRAINING_SETTINGS | (set() if cfg.train.trainer_args else {"trainer_args"})
 
 
 def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
@@ -49,7 +57,7 @@ def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, ba
         cfg.model.max_seq_length,
         cfg.model.dtype,
         cfg.lora,
-        cfg.train.model_dump(mode="json", exclude=NOT_TRAINING_SETTINGS),
+        cfg.train.model_dump(mode="json", exclude=train_settings_excluded(cfg)),
         backend,
         # dtype auto, optimizer auto and load_in_4bit resolve by device: fp32, adamw_torch and no NF4 on a CPU
         "cuda" if cuda_available() else "cpu",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraflow import tracking
 from loraflow.errors import ConfigError
 
 NOTEBOOK_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,11 +118,27 @@ class TrainSettings(Section):
     )
     ddp_timeout_seconds: int = Field(
         600, gt=0, description="How long a rank waits in a collective for the others before the run fails.")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Trackers that get the training metrics: transformers' integrations (tensorboard, mlflow, wandb, "
+        "...), each configured by its own environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...). Default none.",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other trl SFTConfig argument (max_grad_norm, neftune_noise_alpha, lr_scheduler_kwargs, ...), "
+        "applied after loraflow's own settings; part of the train cache key. Arguments loraflow sets are refused.",
+    )
 
     @field_validator("packing", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         return str(value).lower() if isinstance(value, bool) else value
+
+    # Names and owned keys are checked here; trainer_args' names and types against SFTConfig by
+    # tracking.check_tracking at the CLI's preflight and the flow's door (importing trl takes seconds).
+    _report_to_list = field_validator("report_to", mode="before")(tracking.report_to_list)
+    _known_trackers = field_validator("report_to")(tracking.check_tracker_names)
+    _not_owned = field_validator("trainer_args")(tracking.refuse_owned)
 
     @field_validator("num_devices")
     @classmethod

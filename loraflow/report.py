@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.summary import LOSS_CURVE_FILE, RunSummary
+from loraflow.tracking import publish_tracker_links
 
 METRICS_ARTIFACT_KEY = "finetune-metrics"
 REPORT_ARTIFACT_KEY = "finetune-report"
@@ -133,3 +134,4 @@ def publish_run_artifacts(summary: RunSummary, loss_curve: bytes) -> None:
                           description=f"loraflow: metrics of the fine-tune of {summary.model}")
     create_markdown_artifact(report_markdown(summary, loss_curve), key=REPORT_ARTIFACT_KEY,
                              description=f"loraflow: loss curve, accuracy and answers of {summary.model}")
+    publish_tracker_links(summary.tracker_runs)  # train.report_to: a link to each tracker's run

@@ -18,6 +18,7 @@ from loraflow.data import Dataset
 from loraflow.inference import InferResult
 from loraflow.prompts import Prompts
 from loraflow.quality import gate_failures
+from loraflow.tracking import runs_for_summary
 from loraflow.training import AdapterRef
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -90,6 +91,7 @@ class RunSummary(BaseModel):
     smoke_answers: list[SmokeAnswer]
     loss_curve_uri: str
     adapter_uri: str
+    tracker_runs: list[dict[str, str | None]] = []  # train.report_to: each tracker's run id and URL (redacted)
     summary_uri: str
     adapter_dir: str | None = None  # the output folder, once save-local has written it
     merged_dir: str | None = None
@@ -168,6 +170,7 @@ def build_summary(
         smoke_answers=smoke_answer_rows(inferred),
         loss_curve_uri=link_to(store_uris["loss_curve"]),
         adapter_uri=adapter.uri,
+        tracker_runs=runs_for_summary(metrics.tracker_runs, cfg.output.dir),
         summary_uri=store_uris["summary"],
         cached_tasks=cached_tasks + (["train"] if adapter.reused else []),
     )

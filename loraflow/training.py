@@ -39,6 +39,7 @@ from loraflow.progress import train_progress_callback
 from loraflow.prompts import Prompts, load_prompts, prompts_key
 from loraflow.step_clock import StepClock, peak_memory_bytes
 from loraflow.store import open_store
+from loraflow.tracking import attach_trackers, flow_run_name, tracked_runs
 
 METRICS_FILE = "training_metrics.json"  # travels with the adapter, so a run that reuses it can report its numbers
 
@@ -73,6 +74,7 @@ class TrainMetrics:
     resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
     world_size: int = 1  # ranks that trained it
     layout: str = ""  # how each step was split: examples × micro-batches × ranks (loraflow.batching.BatchLayout)
+    tracker_runs: list[dict[str, str | None]] = field(default_factory=list)  # train.report_to's runs (loraflow.tracking)
 
     @property
     def steady_tokens_per_second(self) -> float:
@@ -139,7 +141,7 @@ def build_trainer(
     lengths = [len(ids) for ids in live.tokenizer(prompts.train_texts)["input_ids"]]
     layout = batch_layout(train, model, lengths, packing, current_world_size())
     args = build_sft_config(train, layout, live.device == "cuda", live.dtype, live.backend.loss_type(live), packing,
-                            work_dir / "checkpoints")
+                            work_dir / "checkpoints", run_name=flow_run_name())
     log_plan(train, lengths, layout, packing)
     live.backend.prepare_for_training(live, layout.batch_size * min(max(lengths), layout.row_tokens))
     if train.completion_only_loss:  # TRL masks the prompt tokens out of the loss for prompt/completion rows
@@ -155,6 +157,7 @@ def build_trainer(
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
         clock.count_tokens(trainer.data_collator)
+    attach_trackers(trainer, train.report_to, work_dir / "adapter")  # TensorBoard's events go out with the adapter
     return trainer
 
 
@@ -206,6 +209,7 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
             resumed_from_step=resumed_from_step,
             world_size=current_world_size(),
             layout=trainer_layout(trainer),
+            tracker_runs=tracked_runs(trainer),
         )
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(metrics), indent=1))
         uri = store.put_folder(adapter_dir, spec.adapter_key)

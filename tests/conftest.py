@@ -22,6 +22,7 @@ os.environ.update(
     HF_HUB_DISABLE_TELEMETRY="1",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     TOKENIZERS_PARALLELISM="false",
+    MLFLOW_DISABLE_TELEMETRY="true",  # MLflow 3 sends usage telemetry by default (tests/test_tracking.py logs to it)
 )
 
 

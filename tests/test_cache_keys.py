@@ -61,7 +61,8 @@ TRAINING_CHANGES = {
     "train.seed": ["train.seed=1"],
     "train.logging_steps": ["train.logging_steps=5"],  # the loss history the cached result carries
     "train.completion_only_loss": ["train.completion_only_loss=false"],
-    "train.packing": ["train.packing=false"],  # auto packs on Unsloth: the same config trains differently there
+    "train.packing": ["train.packing=false"],
+    "train.trainer_args": ["train.trainer_args={max_grad_norm: 0.3}"],  # auto packs on Unsloth: the same config trains differently there
 }
 BASES = {"train.num_epochs": ["train.max_steps=null", "train.num_epochs=1"]}
 
@@ -84,6 +85,7 @@ SAME_TRAINING = {
     "hub.license": ["hub.license=apache-2.0"],
     "train.num_devices": ["train.num_devices=2"],  # the same examples per step on 1 or N ranks
     "train.ddp_timeout_seconds": ["train.ddp_timeout_seconds=60"],
+    "train.report_to": ["train.report_to=[tensorboard]"],  # a tracker watches; it changes nothing trained
 }
 
 # Fields that reach the key another way, or have a single allowed value.
