@@ -25,7 +25,9 @@ from loraflow.builders import (
     keep_gradient_checkpointing,
     packing_enabled,
 )
-from loraflow.checkpoints import checkpoint_sync_callback, fetch_latest_checkpoint, new_attempt_id
+from loraflow.checkpoints import (
+    checkpoint_sync_callback, fetch_latest_checkpoint, finished_training, load_finished_training, new_attempt_id,
+)
 from loraflow.config import ModelConfig, TrainSettings
 from loraflow.errors import TrainingOutOfMemoryError
 from loraflow.live_model import LiveModel
@@ -232,7 +234,10 @@ def train_adapter(
         if resume:
             run_logger().info("train: resuming from the stored checkpoint at step %d", resumed_from_step)
         clock.start()
-        output = train_or_explain_oom(trainer, train, model, str(resume[0]) if resume else None)
+        if resume and finished_training(resume[0]):  # e.g. the adapter's publish failed after the last checkpoint
+            output = load_finished_training(trainer, live.model, resume[0])
+        else:
+            output = train_or_explain_oom(trainer, train, model, str(resume[0]) if resume else None)
         runtime = time.perf_counter() - clock.started
         adapter_dir = Path(work) / "adapter"
         live.model.save_pretrained(adapter_dir)
