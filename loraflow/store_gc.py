@@ -69,6 +69,8 @@ class GcPolicy:
 
 @dataclass
 class GcItem:
+    """One thing gc deletes or marks: a folder (with all its objects) or a single object."""
+
     kind: str
     key: str  # the folder or object, relative to the store's root
     objects: list[StoredObject]
@@ -92,6 +94,8 @@ class GcItem:
 
 @dataclass
 class GcReport:
+    """What a pass did (or, dry, would do): the items deleted and the items marked, with their bytes."""
+
     store: str
     now: float
     policy: GcPolicy
@@ -322,6 +326,7 @@ def find_candidates(access: ObjectAccess, inventory: Inventory, policy: GcPolicy
 
 
 def load_marks(access: ObjectAccess) -> dict[str, dict[str, Any]]:
+    """Key -> {kind, marked_at} from earlier passes; none when there is no marks file or it cannot be read."""
     try:
         return json.loads(access.read(MARKS_KEY)).get("marks", {})
     except FileNotFoundError:
@@ -378,6 +383,13 @@ def collect_garbage(store_uri: str, policy: GcPolicy, dry_run: bool = False, now
         # Written again after it was marked: whoever wrote it may still need it, so the clock starts over.
         item.marked_at = mark["marked_at"] if mark and item.modified <= mark["marked_at"] else now
         (report.deleted if item.marked_at <= now - grace else report.marked).append(item)
+    # A blob goes only with every manifest that lists it: one of them merely marked (its clock restarted) keeps it.
+    going = {item.folder for item in report.deleted if item.complete}
+    shared = not isinstance(access, LocalObjects)
+    still_listed = set().union(*(listed_objects(f, m, shared) for f, m in inventory.manifests.items() if f not in going))
+    for item in [i for i in report.deleted if i.kind == "orphan blob" and i.key in still_listed]:
+        report.deleted.remove(item)
+        report.marked.append(item)
 
     if not dry_run:
         order = {True: 0, False: 1}  # folders with a manifest first, blobs last (below)

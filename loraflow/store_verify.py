@@ -112,6 +112,7 @@ def verify_store(store_uri: str) -> VerifyReport:
 
 
 def still_listed(access: ObjectAccess, folder: str) -> bool:
+    """The folder's manifest is still there (verify ran beside pruning or gc)."""
     try:
         json.loads(access.read(f"{folder}/{MANIFEST}"))
     except FileNotFoundError:
