@@ -84,7 +84,8 @@ class Nanio:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--data-dir", str(self.data_dir)],
-                env={**os.environ, **self.keys}, stdout=log, stderr=subprocess.STDOUT)
+                env={**os.environ, **self.keys}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # as the stack's own (setsid): a signal to the tests' group never reaches it
         self.pid = self.process.pid
         deadline = time.monotonic() + timeout
         while True:
