@@ -1,7 +1,8 @@
-"""`loraflow run`: validate the config and the data, then run the finetune flow.
+"""`loraflow run`: validate the config and the data, then run the finetune flow. `loraflow store gc|verify`:
+maintain the artifact store (loraflow/store_gc.py, loraflow/store_verify.py).
 
 Exit codes: 0 success; 2 invalid usage, config or data (last stderr line `error: ...`, no traceback,
-nothing loaded); 1 any other failure.
+nothing loaded); 1 any other failure (for `store verify`: a missing or corrupt object).
 """
 
 from __future__ import annotations
@@ -41,7 +42,35 @@ def build_parser() -> ArgumentParser:
     serve = webhook_commands.add_parser("serve", help="receive S3/SNS/MinIO upload notifications; emit Prefect events")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787)
+    add_store_commands(commands)
     return parser
+
+
+def add_store_commands(commands: Any) -> None:
+    from loraflow.store_gc import GcPolicy
+
+    defaults = GcPolicy()
+    store = commands.add_parser("store", help="maintain the artifact store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, parser_class=ArgumentParser)
+    gc = store_commands.add_parser(
+        "gc", help="delete what nothing references: marks now, deletes what an earlier pass marked >= grace ago")
+    verify = store_commands.add_parser("verify", help="re-hash every object a manifest lists; exit 1 if any is "
+                                                      "missing or corrupt")
+    for command in (gc, verify):
+        command.add_argument("--store", default=".loraflow/store", help="a local folder or s3://bucket/prefix "
+                             "(default: .loraflow/store, output.store's default)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be deleted and marked; change nothing")
+    gc.add_argument("--grace-hours", type=float, default=defaults.grace_hours,
+                    help="least time between marking and deleting; least age of an orphan blob or a cut-short upload "
+                         "(default %(default)s; 0 = one pass, only when nothing writes to the store)")
+    gc.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                    help="checkpoints kept per train key whose adapter is published (default %(default)s)")
+    gc.add_argument("--retention-days", type=float, default=defaults.retention_days,
+                    help="summaries and Prefect results older than this go; a kept summary keeps its adapter "
+                         "(default %(default)s)")
+    gc.add_argument("--candidate-retention-days", type=float, default=defaults.candidate_retention_days,
+                    help="adapters published longer ago that no alias and no kept summary points at go "
+                         "(default %(default)s)")
 
 
 def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -133,6 +162,29 @@ def webhook_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def store_command(args: argparse.Namespace) -> int:
+    from loraflow.errors import LoraflowInputError, StoreDataError, StoreUnavailableError
+
+    try:
+        if args.store_command == "gc":
+            from loraflow.store_gc import GcPolicy, collect_garbage
+
+            policy = GcPolicy(args.grace_hours, args.keep_checkpoints, args.retention_days, args.candidate_retention_days)
+            print("\n".join(collect_garbage(args.store, policy, dry_run=args.dry_run).lines()))
+            return EXIT_OK
+        from loraflow.store_verify import verify_store
+
+        report = verify_store(args.store)
+    except LoraflowInputError as exc:
+        fail(EXIT_INPUT, str(exc))
+    except (StoreUnavailableError, StoreDataError, OSError) as exc:
+        fail(EXIT_FAILED, str(exc))
+    print("\n".join(report.lines()))
+    if not report.ok:
+        fail(EXIT_FAILED, f"{len(report.findings)} objects listed by manifests in {report.store} are missing or corrupt")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral server's first start migrates a fresh database; on a busy 2-core box that can outlast
@@ -144,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     if args.command == "webhook":
         return webhook_command(args)
+    if args.command == "store":
+        return store_command(args)
     return EXIT_FAILED
 
 

@@ -13,6 +13,7 @@ only complete ones (manifest first), never an upload still in progress.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -71,6 +72,27 @@ def prune_checkpoints(store: Store, prefix: str, keep: int) -> list[str]:
     for key in doomed:
         store.delete(key)
     return doomed
+
+
+def finished_training(checkpoint: Path) -> bool:
+    """The checkpoint is of the last step: its trainer_state.json has global_step >= max_steps."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return 0 < int(state.get("max_steps") or 0) <= int(state["global_step"])
+
+
+def load_finished_training(trainer: Any, model: Any, checkpoint: Path) -> Any:
+    """Restore a training that had finished from its last checkpoint, instead of resuming it: transformers' loop
+    takes one more optimizer step before it looks at max_steps, so resuming at step N would train step N+1 (an
+    adapter an undisturbed run never makes). Loads the LoRA weights into `model` and the checkpoint's TrainerState
+    (global step, loss history) into `trainer`; returns a TrainOutput like `trainer.train()`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
 def checkpoint_sync_callback(store: Store, prefix: str, attempt: str, keep: int) -> Any:

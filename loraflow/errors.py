@@ -28,3 +28,8 @@ class StoreUnavailableError(Exception):
 
 class TrainingOutOfMemoryError(Exception):
     """The GPU ran out of memory: retrying the same batch would fail the same way, so it never retries."""
+
+
+class StoreDataError(Exception):
+    """Something in the store cannot be read as loraflow wrote it (a manifest or an alias file that is not valid
+    JSON of the expected shape): store maintenance stops rather than guess what it references."""

@@ -36,11 +36,12 @@ def aws_credentials_block() -> Any:
     return AwsCredentials(aws_client_parameters=AwsClientParameters(endpoint_url=os.environ.get("AWS_ENDPOINT_URL")))
 
 
-def s3_client() -> Any:
+def s3_client(max_attempts: int = 5) -> Any:
+    """A boto3 S3 client; `max_attempts` per request (botocore's standard retry mode backs off on throttling, 5xx,
+    timeouts and refused connections). The artifact store asks for 2: it retries for a set time itself."""
     from botocore.config import Config
 
-    # Standard retry mode backs off on throttling, 5xx and timeouts.
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60)
     if os.environ.get(CREDENTIALS_BLOCK_ENV):
         block = aws_credentials_block()
         endpoint = block.aws_client_parameters.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")

@@ -29,7 +29,9 @@ from loraflow.backends import LiveModel, attach_lora, backend_named, keep_traine
 from loraflow.batching import BatchLayout, batch_layout, packing_enabled
 from loraflow.builders import build_sft_config
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
-from loraflow.checkpoints import checkpoint_sync_callback, fetch_latest_checkpoint, new_attempt_id
+from loraflow.checkpoints import (
+    checkpoint_sync_callback, fetch_latest_checkpoint, finished_training, load_finished_training, new_attempt_id,
+)
 from loraflow.config import FinetuneConfig, LoraSettings, ModelConfig, TrainSettings
 from loraflow.data import Dataset
 from loraflow.errors import TrainingOutOfMemoryError
@@ -186,7 +188,10 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
         if resume:
             run_logger().info("train: resuming from the stored checkpoint at step %d", resumed_from_step)
         clock.start()
-        output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
+        if resume and finished_training(resume[0]):  # e.g. the adapter's publish failed after the last checkpoint
+            output = load_finished_training(trainer, live.model, resume[0])
+        else:
+            output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
         runtime = time.perf_counter() - clock.started
         # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]

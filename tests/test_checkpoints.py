@@ -165,3 +165,27 @@ def test_a_resumed_training_continues_the_loss_curve_of_an_uninterrupted_one(
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     # save_total_limit (2) holds in the store: the crash's checkpoint at 3 was pruned after 6 and 8 were complete.
     assert [c.step for c in stored_checkpoints(LocalStore(tmp_path / "two"), PREFIX)] == [8, 6]
+
+
+@pytest.mark.slow
+def test_a_training_whose_last_checkpoint_is_stored_is_restored_not_trained_one_step_further(tmp_path: Path) -> None:
+    """The adapter's publish failed after the last checkpoint (an S3 outage): the next attempt takes that checkpoint
+    as the finished training. Resumed by transformers it would take a step 5 of a 4-step training."""
+    cfg = load_config(TINY_CONFIG, [parse_assignment("train.max_steps=4"), parse_assignment("train.save_steps=2")])
+    prompts = format_prompts(read_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer,
+                             load_tokenizer(cfg.model.name, None))
+
+    def train(adapter_key: str) -> Any:
+        live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+        spec = train_module.TrainSpec(model=cfg.model, lora=cfg.lora, train=cfg.train, backend="transformers",
+                                      store_uri=str(tmp_path), prompts_key="prompts/unused.json",
+                                      adapter_key=adapter_key, checkpoints_prefix=PREFIX)
+        return train_module.train_adapter(live, prompts, spec).metrics
+
+    first = train("adapters/first")
+    again = train("adapters/again")  # same checkpoints prefix: finds step 4 complete
+    assert again.resumed_from_step == 4 and again.steps == 4 and not again.step_seconds
+    assert again.losses == first.losses
+    weights = [load_file(str(tmp_path / key / "adapter_model.safetensors")) for key in ("adapters/first", "adapters/again")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

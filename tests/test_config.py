@@ -105,9 +105,30 @@ def test_prefect_yaml_deployments_load_their_flow_and_config() -> None:
     from flows.finetune import resolve_config
 
     for deployment in deployments.values():
+        if deployment["name"] == "store-gc":
+            continue  # another flow: see the test below
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
         assert flow.name == "finetune"
         params = deployment["parameters"]
         # The deployment's default parameters make a valid config (file + partial override, as a run would).
         cfg = resolve_config(params.get("config"), str(ROOT / params["config_file"]))
         assert isinstance(cfg, FinetuneConfig)
+
+
+def test_store_gc_deployment_runs_the_gc_flow_weekly_with_valid_settings() -> None:
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from loraflow.store_gc import GcPolicy
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [deployment] = [d for d in spec["deployments"] if d["name"] == "store-gc"]
+    flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+    assert flow.name == "store-gc"
+    params = deployment["parameters"]
+    assert set(params) <= set(inspect.signature(flow.fn).parameters)
+    GcPolicy(**{k: v for k, v in params.items() if k not in ("store", "dry_run")})  # valid, or it raises ConfigError
+    [schedule] = deployment["schedules"]
+    minute, hour, day, month, weekday = schedule["cron"].split()
+    assert (day, month) == ("*", "*") and weekday.isdigit()  # once a week
