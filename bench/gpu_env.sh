@@ -21,3 +21,6 @@ mkdir -p "$LORAFLOW_CACHE_DIR/models" && cp -rn .gpuassets/models/. "$LORAFLOW_C
 # `loraflow` on PATH as `make install` would put it
 mkdir -p /tmp/gpubin && printf '#!/bin/sh\nexec python3 -m cli "$@"\n' > /tmp/gpubin/loraflow && chmod +x /tmp/gpubin/loraflow
 export PATH=/tmp/gpubin:$PATH
+# Several GPUs (nvidia-h200-x2 and up): NVLink multicast stays off in NCCL, PyTorch and NVSHMEM (the device tool's
+# KINDS.md); the training ranks inherit these.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

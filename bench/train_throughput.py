@@ -304,9 +304,13 @@ class sft_overrides:
         loraflow.training.build_sft_config = self.original
 
 
-def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
+def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
             work: Path, variants: list[str], unpacked_steps: int) -> dict[str, Any]:
-    """The project's own task functions, as the flow calls them."""
+    """The project's own task functions, as the flow calls them. `path` is the backend, optionally with a memory cap
+    (`unsloth-cap24`: torch.cuda.set_per_process_memory_fraction to 24 GiB, a small GPU simulated). Each layout runs
+    twice: with lora.gradient_checkpointing auto (what the project decides; key `4x2048`) and forced on (key
+    `4x2048-ckpt`, the bare loop's setting)."""
+    backend, _, cap = path.partition("-cap")
     t0 = time.perf_counter()
     if backend == "unsloth":
         import loraflow.backend_unsloth  # (first, as the flow does)
@@ -322,6 +326,10 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
         return train_adapter(live, prompts, spec).metrics
 
     result: dict[str, Any] = {"import_s": time.perf_counter() - t0}
+    if cap and device() == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(int(cap) * 2**30 / total)
+        result["memory_cap_gib"] = int(cap)
     model_cfg = ModelConfig(name=str(model_dir), backend=backend, load_in_4bit=True, max_seq_length=2048)
     t0 = time.perf_counter()
     live = load_model(model_cfg, backend)
@@ -334,13 +342,20 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
         prompts = Prompts([""] * len(texts), texts, [], [], None, live.tokenizer.eos_token)
         settings = TrainSettings(per_device_batch_size=batch, gradient_accumulation_steps=1, warmup_steps=0,
                                  max_steps=warmup + steps, optimizer="auto", packing="false")
-        trained = train(live, prompts, settings, f"bench/{backend}-{batch}x{length}")
-        figures = step_figures(trained.step_seconds, trained.step_tokens, warmup, params)
-        figures["peak_gib"] = trained.peak_memory_bytes / 2**30
-        figures["train_runtime_s"] = trained.runtime_seconds
-        result[f"{batch}x{length}"] = figures
-        log(f"{backend} project {batch}x{length}: {figures['tokens_per_s']:.0f} tokens/s, "
-            f"{figures['peak_gib']:.2f} GiB, first step {figures['first_step_s']:.1f} s")
+        for mode in ("auto", "ckpt") if not cap else ("auto",):
+            variant = dataclasses.replace(live, gradient_checkpointing="auto" if mode == "auto" else "unsloth")
+            if backend == "unsloth":
+                loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
+            torch.cuda.empty_cache() if device() == "cuda" else None
+            trained = train(variant, prompts, settings, f"bench/{path}-{batch}x{length}-{mode}")
+            figures = step_figures(trained.step_seconds, trained.step_tokens, warmup, params)
+            figures["peak_gib"] = trained.peak_memory_bytes / 2**30
+            figures["train_runtime_s"] = trained.runtime_seconds
+            figures["gradient_checkpointing"] = trained.gradient_checkpointing
+            key = f"{batch}x{length}" + ("" if mode == "auto" else "-ckpt")
+            result[key] = figures
+            log(f"{path} project {key}: {figures['tokens_per_s']:.0f} tokens/s, {figures['peak_gib']:.2f} GiB, "
+                f"first step {figures['first_step_s']:.1f} s, checkpointing {trained.gradient_checkpointing}")
 
     if variants:
         prompts, mean_tokens = notebook_prompts(live.tokenizer, write_notebook_data(work))
@@ -377,7 +392,75 @@ def project(backend: str, model_dir: Path, layouts: list[tuple[int, int]], warmu
     return result
 
 
-def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, Any]:
+def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
+        work: Path, variants: list[str]) -> dict[str, Any]:
+    """The project's train step on N GPUs (`unsloth-ddp2`): the TrainSpec launched in N ranks by accelerate, as
+    train.num_devices does. Each rank keeps the 1-GPU micro-batch (batch × 1 per rank, so the effective batch is
+    N × batch); the notebook workload keeps its 4 × 4 effective batch (accumulation 2 on each of 2 ranks). The
+    held-out loss is computed here afterwards, with the adapter loaded from the store."""
+    backend, _, ranks = path.partition("-ddp")
+    world = int(ranks)
+    if backend == "unsloth":
+        import loraflow.backend_unsloth  # noqa: F401  (before transformers: this process scores the adapter after)
+    from transformers import AutoTokenizer
+
+    from loraflow.config import LoraSettings, ModelConfig, TrainSettings
+    from loraflow.launcher import launch_training
+    from loraflow.prompts import Prompts
+    from loraflow.training import TrainSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_cfg = ModelConfig(name=str(model_dir), backend=backend, load_in_4bit=True, max_seq_length=2048)
+    store = str(work / f"store-ddp{world}")
+    result: dict[str, Any] = {"world_size": world}
+
+    def launch(prompts: Any, settings: TrainSettings, key: str) -> Any:
+        spec = TrainSpec(model=model_cfg, lora=LoraSettings(), train=settings, backend=backend, store_uri=store,
+                         prompts_key="", adapter_key=key, world_size=world)
+        started = time.perf_counter()
+        adapter = launch_training(spec, prompts)
+        return adapter, time.perf_counter() - started
+
+    for batch, length in layouts:
+        texts = exact_length_texts(tokenizer, batch * world * (warmup + steps), length, seed=batch)
+        prompts = Prompts([""] * len(texts), texts, [], [], None, tokenizer.eos_token)
+        settings = TrainSettings(per_device_batch_size=batch, gradient_accumulation_steps=world, warmup_steps=0,
+                                 max_steps=warmup + steps, optimizer="auto", packing="false")
+        adapter, launch_s = launch(prompts, settings, f"bench/ddp{world}-{batch}x{length}-{time.time_ns()}")
+        trained = adapter.metrics
+        figures = step_figures(trained.step_seconds, trained.step_tokens, warmup, params)
+        figures.update(peak_gib=trained.peak_memory_bytes / 2**30, train_runtime_s=trained.runtime_seconds,
+                       launch_s=launch_s, layout=trained.layout, gradient_checkpointing=trained.gradient_checkpointing)
+        result[f"{batch}x{length}"] = figures
+        log(f"{path} {batch}x{length}: {figures['tokens_per_s']:.0f} tokens/s over {world} GPUs ({trained.layout}), "
+            f"{figures['peak_gib']:.2f} GiB on rank 0, launch to end {launch_s:.1f} s")
+
+    if variants:
+        from loraflow.backends import load_adapter
+
+        prompts, mean_tokens = notebook_prompts(tokenizer, write_notebook_data(work))
+        notebook_train = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, warmup_steps=5,
+                                       max_steps=60, learning_rate=2e-4, optimizer="auto", packing="auto")
+        for name in variants:
+            adapter, launch_s = launch(prompts, notebook_train, f"bench/ddp{world}-notebook-{name}-{time.time_ns()}")
+            trained = adapter.metrics
+            skip = min(3, len(trained.step_seconds) // 2)
+            figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
+            live = load_adapter(model_cfg, backend, store, adapter.key)
+            figures.update(
+                packing=trained.packing, steps=trained.steps, train_runtime_s=trained.runtime_seconds, launch_s=launch_s,
+                examples_seen=round(sum(trained.step_tokens) / mean_tokens), real_tokens=sum(trained.step_tokens),
+                loss_first=trained.loss_first, loss_last=trained.loss_last, layout=trained.layout,
+                held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
+            )
+            del live
+            result[f"notebook_{name}"] = figures
+            log(f"{path} notebook {name}: train() {trained.runtime_seconds:.1f} s, {figures['tokens_per_s']:.0f} real "
+                f"tokens/s steady, held-out loss {figures['held_out_loss']:.4f}, launch to end {launch_s:.1f} s")
+    return result
+
+
+def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int = 1) -> dict[str, Any]:
     """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone."""
     import yaml
 
@@ -387,7 +470,7 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, 
         "prompt": {"template": NOTEBOOK_TEMPLATE},
         "model": {"name": str(model_dir), "backend": backend, "load_in_4bit": True, "max_seq_length": 2048},
         "train": {"per_device_batch_size": 4, "gradient_accumulation_steps": 4, "warmup_steps": 5, "max_steps": steps,
-                  "learning_rate": 2e-4, "optimizer": "auto"},
+                  "learning_rate": 2e-4, "optimizer": "auto", "num_devices": devices},
         # A random model never says EOS: generate for no example, so smoke-infer has nothing to fail on.
         "infer": {"max_eval_examples": 0, "max_new_tokens": 8},
         # a new store each time: a store that has the adapter would (rightly) skip training
@@ -409,12 +492,13 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int) -> dict[str, 
                 seen[key] = time.perf_counter() - started
     code = process.wait()
     seen["total_s"] = time.perf_counter() - started
-    result: dict[str, Any] = {"returncode": code, **seen}
+    result: dict[str, Any] = {"returncode": code, "devices": devices, **seen}
     summary_file = work / "cli-out" / "summary.json"
     if code == 0 and summary_file.exists():
         summary = json.loads(summary_file.read_text())
         result.update(train_runtime_s=summary["train_runtime_seconds"], packing=summary["packing"],
-                      train_steps=summary["train_steps"], backend=summary["backend"])
+                      train_steps=summary["train_steps"], backend=summary["backend"], phases=summary.get("phases"),
+                      world_size=summary.get("world_size"))
     else:
         result["log_tail"] = "".join(lines[-60:])
     (work / "cli.log").write_text("".join(lines))
@@ -445,28 +529,36 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| shape | path | batch × len | tokens/s | s/step | peak GiB | MFU | first step s | vs bare | vs transformers |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| shape | path | batch × len (per GPU) | tokens/s | s/step | peak GiB | MFU | first step s | vs bare | "
+            "vs transformers | checkpointing |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for shape, per_path in results["shapes"].items():
         for layout in results["layouts"]:
-            for path in ("bare", "unsloth", "transformers"):
-                figures = per_path.get(path, {}).get(layout)
-                if not figures:
+            for path, figures_by_key in per_path.items():
+                if not isinstance(figures_by_key, dict) or path == "build":
                     continue
-                tps = figures["tokens_per_s"]
-                vs_bare = ratio(tps, per_path.get("bare", {}).get(layout, {}).get("tokens_per_s"))
-                vs_tf = ratio(tps, per_path.get("transformers", {}).get(layout, {}).get("tokens_per_s"))
-                rows.append(
-                    f"| {shape} | {path} | {layout.replace('x', ' × ')} | {tps:,.0f} | {figures['s_per_step']:.3f} | "
-                    f"{figures['peak_gib']:.2f} | {figures['mfu']:.1%} | {figures['first_step_s']:.1f} | "
-                    f"{'' if vs_bare is None else f'{vs_bare:.3f}×'} | {'' if vs_tf is None else f'{vs_tf:.2f}×'} |"
-                )
+                for key in (layout, f"{layout}-ckpt"):
+                    figures = figures_by_key.get(key)
+                    if not figures:
+                        continue
+                    tps = figures["tokens_per_s"]
+                    vs_bare = ratio(tps, per_path.get("bare", {}).get(layout, {}).get("tokens_per_s"))
+                    vs_tf = ratio(tps, per_path.get("transformers", {}).get(layout, {}).get("tokens_per_s"))
+                    ckpt = figures.get("gradient_checkpointing", "on (bare loop)" if path == "bare" else "")
+                    label = f"{path}{' (checkpointing forced on)' if key.endswith('-ckpt') else ''}"
+                    rows.append(
+                        f"| {shape} | {label} | {layout.replace('x', ' × ')} | {tps:,.0f} | {figures['s_per_step']:.3f} | "
+                        f"{figures['peak_gib']:.2f} | {figures['mfu']:.1%} | {figures['first_step_s']:.1f} | "
+                        f"{'' if vs_bare is None else f'{vs_bare:.3f}×'} | {'' if vs_tf is None else f'{vs_tf:.2f}×'} | "
+                        f"{ckpt.split(':')[0]} |"
+                    )
     rows += ["", "| shape | notebook workload (960 examples of 61-151 tokens) | steps | train() s | real tokens/s steady | "
              "vs notebook | first step s | held-out loss | examples seen |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, per_path in results["shapes"].items():
-        runs = {k.removeprefix("notebook_"): v for k, v in per_path.get("unsloth", {}).items() if k.startswith("notebook_")}
-        base = runs.get("notebook", {}).get("tokens_per_s")
+        runs = {f"{path} {k.removeprefix('notebook_')}": v for path in per_path if isinstance(per_path[path], dict)
+                for k, v in per_path[path].items() if k.startswith("notebook_")}
+        base = runs.get("unsloth notebook", {}).get("tokens_per_s")
         for name, figures in runs.items():
             vs = ratio(figures["tokens_per_s"], base)
             rows.append(
@@ -475,8 +567,9 @@ def table(results: dict[str, Any]) -> str:
                 f"{figures['held_out_loss']:.4f} | {figures['examples_seen']} |"
             )
     for run, cli in enumerate(results.get("cli_runs", []), 1):
-        rows += ["", f"`loraflow run` #{run} (notebook workload, {results['cli_shape']}, seconds from launch): "
-                     + ", ".join(f"{k} {v:.1f}" for k, v in cli.items() if k.endswith("_s"))
+        rows += ["", f"`loraflow run` #{run} (notebook workload, {results['cli_shape']}, {cli.get('devices', 1)} GPU(s), "
+                     "seconds from launch): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in cli.items() if k.endswith("_s") and isinstance(v, float))
                      + f", exit {cli.get('returncode')}"]
     return "\n".join(rows)
 
@@ -520,6 +613,7 @@ def main() -> None:
     parser.add_argument("--unpacked-steps", default="8b:10,1b:60",
                         help="optimizer steps of the `notebook` variant per shape (60 = all 960 examples)")
     parser.add_argument("--cli", default="8b", help="shape for the `loraflow run` timing ('' = skip)")
+    parser.add_argument("--cli-devices", default="1", help="train.num_devices of each `loraflow run`, comma-separated")
     args = parser.parse_args()
     args.variants = dict(item.split(":") for item in args.notebook.split(";") if item)
 
@@ -552,9 +646,10 @@ def main() -> None:
         if shape == args.cli:
             results["cli_shape"] = shape
             results["cli_runs"] = []
-            for _ in range(args.cli_runs):
-                results["cli_runs"].append(
-                    run_worker("cli", [str(model_dir), str(work), args.cli_backend, str(args.cli_steps)], logs))
+            for devices in args.cli_devices.split(","):
+                for _ in range(args.cli_runs):
+                    results["cli_runs"].append(run_worker(
+                        "cli", [str(model_dir), str(work), args.cli_backend, str(args.cli_steps), devices], logs))
                 (out / "bench.json").write_text(json.dumps(results, indent=1))
     results["total_s"] = time.perf_counter() - started
     report = table(results)
@@ -570,12 +665,15 @@ def worker_main(argv: list[str]) -> None:
     if name == "build":
         result = build(rest[0], Path(rest[1]))
     elif name == "cli":
-        result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]))
+        result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]), int(rest[4]))
     else:
         model_dir, layouts, warmup, steps, params, work = rest[:6]
         parsed = [tuple(int(x) for x in item.split("x")) for item in layouts.split(",") if item != "-"]
         if name == "bare":
             result = bare(Path(model_dir), parsed, int(warmup), int(steps), int(params))
+        elif "-ddp" in name:
+            result = ddp(name, Path(model_dir), parsed, int(warmup), int(steps), int(params), Path(work),
+                         variants=[v for v in rest[6].split(",") if v != "-"])
         else:
             result = project(name, Path(model_dir), parsed, int(warmup), int(steps), int(params), Path(work),
                              variants=[v for v in rest[6].split(",") if v != "-"], unpacked_steps=int(rest[7]))

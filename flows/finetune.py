@@ -25,6 +25,7 @@ from loraflow.quality import check_gate_measurable, raise_for_outcome
 from loraflow.report import loss_curve_png, publish_run_artifacts
 from loraflow.results import persist_results_in
 from loraflow.summary import RunSummary, build_summary, finish
+from loraflow.timeline import mark
 from loraflow.tracking import check_tracking
 from loraflow.training import plan_training, published_adapter
 from tasks.attach_lora import attach_lora_task
@@ -47,6 +48,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     deployments/configs/), so a run can override any key without editing files.
     """
     started, run_id = time.time(), flow_run.get_id() or "local"
+    mark("flow_started")
     cfg = resolve_config(config, config_file)
     check_tracking(cfg.train)  # trainer_args against SFTConfig, trackers installed: before anything loads
     backend = choose_backend(cfg.model.backend)  # once per run; Unsloth is imported now, before transformers

@@ -58,8 +58,13 @@ def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: 
     return get_peft_model(model, build_peft_config(lora))
 
 
-def prepare_for_training(live: LiveModel, micro_batch_tokens: int) -> None:
-    """Nothing to decide: attach_lora already set checkpointing as configured."""
+def prepare_for_training(live: LiveModel, micro_batch_tokens: int) -> str:
+    """Nothing to decide: attach_lora already set checkpointing as configured (auto means on here)."""
+    return "off (as configured)" if live.gradient_checkpointing == "false" else "on (PEFT's)"
+
+
+def force_gradient_checkpointing(live: LiveModel) -> None:
+    """Checkpointing is on already unless configured off, and then it stays as configured."""
 
 
 def prepare_for_inference(live: LiveModel) -> None:

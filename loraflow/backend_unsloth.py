@@ -16,7 +16,7 @@ from typing import Any
 from loraflow.backends import LiveModel, local_device_index
 from loraflow.config import LoraSettings, ModelConfig
 from loraflow.logs import run_logger
-from loraflow.memory import activation_bytes, keep_gradient_checkpointing
+from loraflow.memory import describe_decision, keep_gradient_checkpointing, measure_gpu
 from loraflow.models import cache_dir
 from loraflow.scoring import whole_row_log_likelihoods
 
@@ -123,21 +123,22 @@ def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: 
     )
 
 
-def prepare_for_training(live: LiveModel, micro_batch_tokens: int) -> None:
-    """lora.gradient_checkpointing auto: off for this run when the activations of its largest micro-batch fit
-    (loraflow/memory.py); logs the decision with its numbers."""
-    import torch
-
+def prepare_for_training(live: LiveModel, micro_batch_tokens: int) -> str:
+    """lora.gradient_checkpointing auto: off for this run when the activations of its largest micro-batch fit the
+    GPU's budget, measured now (loraflow/memory.py); returns the decision with its numbers (also logged)."""
     if live.gradient_checkpointing != "auto":
-        return
-    free_bytes, _ = torch.cuda.mem_get_info()
-    keep = keep_gradient_checkpointing(live.model.config, micro_batch_tokens, free_bytes)
+        return f"{live.gradient_checkpointing} (as configured)"
+    gpu = measure_gpu()
+    keep = keep_gradient_checkpointing(live.model.config, micro_batch_tokens, gpu)
     set_gradient_checkpointing(live.model, "unsloth" if keep else False)
-    run_logger().info(
-        "train: gradient checkpointing %s: activations of a %d-token micro-batch ≈ %.1f GiB, %.1f GiB of GPU memory free",
-        "on (Unsloth's)" if keep else "off", micro_batch_tokens,
-        activation_bytes(live.model.config, micro_batch_tokens) / 2**30, free_bytes / 2**30,
-    )
+    decision = describe_decision(keep, live.model.config, micro_batch_tokens, gpu)
+    run_logger().info("train: gradient checkpointing %s", decision)
+    return decision
+
+
+def force_gradient_checkpointing(live: LiveModel) -> None:
+    """Unsloth's checkpointing on for the next train(), whatever auto decided (after an out-of-memory)."""
+    set_gradient_checkpointing(live.model, "unsloth")
 
 
 def set_gradient_checkpointing(model: Any, mode: Any) -> None:

@@ -27,6 +27,7 @@ from loraflow.errors import ConfigError
 from loraflow.logs import run_logger
 from loraflow.models import resolve_model
 from loraflow.store import open_store
+from loraflow.timeline import mark
 
 BACKENDS = ("unsloth", "transformers")
 
@@ -39,7 +40,8 @@ class Backend(Protocol):
 
     def load(self, path: str, model: ModelConfig, dtype: Any) -> "LiveModel": ...
     def attach_lora(self, live: "LiveModel", lora: LoraSettings, max_seq_length: int, seed: int) -> Any: ...
-    def prepare_for_training(self, live: "LiveModel", micro_batch_tokens: int) -> None: ...
+    def prepare_for_training(self, live: "LiveModel", micro_batch_tokens: int) -> str: ...
+    def force_gradient_checkpointing(self, live: "LiveModel") -> None: ...
     def prepare_for_inference(self, live: "LiveModel") -> None: ...
     def loss_type(self, live: "LiveModel") -> str: ...
     def label_log_likelihoods(
@@ -61,6 +63,7 @@ class LiveModel:
     model_path: str  # what from_pretrained loaded
     attn_implementation: str | None = None
     gradient_checkpointing: str = "auto"  # lora.gradient_checkpointing, once attach-LoRA has run
+    checkpointing_decision: str = ""  # what training chose, with its numbers (prepare_for_training)
 
 
 def local_device_index() -> int:
@@ -118,6 +121,7 @@ def choose_backend(requested: str) -> str:
     if requested == "auto":
         requested = "unsloth" if cuda_available() and importlib.util.find_spec("unsloth") is not None else "transformers"
     backend_named(requested)
+    mark("backend_imported")
     return requested
 
 
@@ -146,6 +150,7 @@ def load_model(model: ModelConfig, backend: str) -> LiveModel:
     if live.tokenizer.pad_token is None:
         live.tokenizer.pad_token = live.tokenizer.eos_token
     params = sum(p.numel() for p in live.model.parameters())
+    mark("model_loaded")
     run_logger().info(
         "load-4bit-model: %s via %s on %s, dtype %s, 4-bit %s, %.1fM parameters, loaded in %.1f s",
         model.name, backend, live.device, str(live.dtype).removeprefix("torch."),
@@ -159,6 +164,7 @@ def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: 
     model = live.backend.attach_lora(live, lora, max_seq_length, seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    mark("lora_attached")
     run_logger().info(
         "attach-LoRA: r=%d alpha=%d on %s; trainable %.3fM of %.1fM parameters (%.3f%%)",
         lora.r, lora.alpha, ",".join(lora.target_modules), trainable / 1e6, total / 1e6, 100 * trainable / total,

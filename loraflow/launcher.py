@@ -59,7 +59,8 @@ def launch_training(spec: TrainSpec, prompts: Prompts) -> AdapterRef:
     ConnectionError for a transient failure (retried by the task), TrainingRankError for anything else,
     including a rank that died without a word (a signal)."""
     log = run_logger()
-    store_prompts(open_store(spec.store_uri), prompts)  # the ranks read the prompt set from the store
+    # the ranks read the prompt set from the store, under its content key
+    spec = spec.model_copy(update={"prompts_key": store_prompts(open_store(spec.store_uri), prompts)})
     with tempfile.TemporaryDirectory(prefix="loraflow-ranks-") as work:
         spec_file, results = Path(work) / "spec.json", Path(work)
         spec_file.write_text(spec.model_dump_json())

@@ -18,6 +18,7 @@ from loraflow.data import Dataset
 from loraflow.inference import InferResult
 from loraflow.prompts import Prompts
 from loraflow.quality import gate_failures
+from loraflow.timeline import mark, phases
 from loraflow.tracking import runs_for_summary
 from loraflow.training import AdapterRef
 
@@ -79,6 +80,8 @@ class RunSummary(BaseModel):
     packing: bool
     peak_memory_bytes: int  # on a GPU: the peak allocation of rank 0's GPU
     world_size: int = 1  # ranks (GPUs) that trained the adapter
+    gradient_checkpointing: str = ""  # on or off, and the numbers that decided it (loraflow/memory.py)
+    phases: dict[str, float] = {}  # seconds from submission to the end of each phase (loraflow/timeline.py)
     train_layout: str = ""  # how each optimizer step was split: examples × micro-batches × ranks
     eval_accuracy: float | None
     base_eval_accuracy: float | None
@@ -154,6 +157,8 @@ def build_summary(
         packing=metrics.packing,
         peak_memory_bytes=metrics.peak_memory_bytes,
         world_size=metrics.world_size,
+        gradient_checkpointing=metrics.gradient_checkpointing,
+        phases=run_phases(run_id, adapter),
         train_layout=metrics.layout,
         eval_accuracy=inferred.accuracy,
         base_eval_accuracy=inferred.base_accuracy,
@@ -174,6 +179,16 @@ def build_summary(
         summary_uri=store_uris["summary"],
         cached_tasks=cached_tasks + (["train"] if adapter.reused else []),
     )
+
+
+def run_phases(run_id: str, adapter: AdapterRef) -> dict[str, float]:
+    """The run's phase timings; the first training step and the end of training when this run trained."""
+    metrics = adapter.metrics
+    if not adapter.reused and metrics.started_at:
+        mark("first_step", metrics.started_at + metrics.first_step_seconds)
+        mark("trained", metrics.started_at + metrics.runtime_seconds)
+    mark("scored")
+    return phases(run_id)
 
 
 def finish(summary: RunSummary, started: float, **changes: Any) -> RunSummary:

@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ class TrainMetrics:
     resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
     world_size: int = 1  # ranks that trained it
     layout: str = ""  # how each step was split: examples × micro-batches × ranks (loraflow.batching.BatchLayout)
+    gradient_checkpointing: str = ""  # on or off, and why (loraflow/memory.py)
+    started_at: float = 0.0  # epoch seconds when train() began (first step at started_at + first_step_seconds)
     tracker_runs: list[dict[str, str | None]] = field(default_factory=list)  # train.report_to's runs (loraflow.tracking)
 
     @property
@@ -145,7 +147,8 @@ def build_trainer(
     args = build_sft_config(train, layout, live.device == "cuda", live.dtype, live.backend.loss_type(live), packing,
                             work_dir / "checkpoints", run_name=flow_run_name())
     log_plan(train, lengths, layout, packing)
-    live.backend.prepare_for_training(live, layout.batch_size * min(max(lengths), layout.row_tokens))
+    live.checkpointing_decision = live.backend.prepare_for_training(
+        live, layout.batch_size * min(max(lengths), layout.row_tokens))
     if train.completion_only_loss:  # TRL masks the prompt tokens out of the loss for prompt/completion rows
         rows = {"prompt": prompts.train_prompts, "completion": prompts.train_completions}
     else:  # the notebook's way: loss on every token of the text
@@ -169,8 +172,46 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
     Checkpoints go to the store under spec.checkpoints_prefix as they are written; when one is there already,
     training resumes from the newest (weights, optimizer, scheduler, RNG, data position, loss history).
     In a launch of several ranks every rank trains and rank 0 alone publishes: the others return None.
-    Raises TrainingOutOfMemoryError (never retried) when the GPU runs out of memory.
+    When lora.gradient_checkpointing auto turned checkpointing off and the GPU runs out of memory anyway (another
+    process took memory, a longer row than measured), training starts again with it on, from the LoRA weights it
+    began with (or the newest checkpoint), once. Raises TrainingOutOfMemoryError (never retried) otherwise.
     """
+    first_try = lora_weights(live) if live.device == "cuda" and live.gradient_checkpointing == "auto" else None
+    try:
+        return train_once(live, prompts, spec)
+    except TrainingOutOfMemoryError as exc:
+        if first_try is None or not live.checkpointing_decision.startswith("off") or current_world_size() > 1:
+            raise
+        run_logger().warning("train: out of memory with gradient checkpointing off (%s); training again with it on",
+                             str(exc).split("(", 1)[0].strip())
+    import torch
+
+    restore_lora_weights(live, first_try)
+    torch.cuda.empty_cache()
+    live.backend.force_gradient_checkpointing(live)
+    retry = replace(live, gradient_checkpointing="unsloth")
+    adapter = train_once(retry, prompts, spec)
+    if adapter is not None:
+        adapter.metrics.gradient_checkpointing = "on after an out-of-memory with it off: " + live.checkpointing_decision
+    return adapter
+
+
+def lora_weights(live: LiveModel) -> dict[str, Any]:
+    """A CPU copy of the trainable (LoRA) weights: r16 on the seven projections of an 8B is ~170 MB."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in live.model.named_parameters() if p.requires_grad}
+
+
+def restore_lora_weights(live: LiveModel, weights: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in live.model.named_parameters():
+            if name in weights:
+                parameter.copy_(weights[name])
+
+
+def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef | None:
+    """One train() over the spec, resuming from the newest stored checkpoint; see train_adapter."""
     if live.device == "cuda":
         import torch
 
@@ -188,6 +229,7 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
         if resume:
             run_logger().info("train: resuming from the stored checkpoint at step %d", resumed_from_step)
         clock.start()
+        started_at = time.time()
         if resume and finished_training(resume[0]):  # e.g. the adapter's publish failed after the last checkpoint
             output = load_finished_training(trainer, live.model, resume[0])
         else:
@@ -214,6 +256,8 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
             resumed_from_step=resumed_from_step,
             world_size=current_world_size(),
             layout=trainer_layout(trainer),
+            gradient_checkpointing=live.checkpointing_decision,
+            started_at=started_at,
             tracker_runs=tracked_runs(trainer),
         )
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(metrics), indent=1))

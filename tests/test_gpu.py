@@ -66,7 +66,23 @@ def test_whole_flow_trains_in_4bit_on_cuda(backend: str, tmp_path: Path) -> None
     assert summary["eval_accuracy"] is not None  # smoke-infer's gate passed: every answer ended with EOS
     report(f"flow_{backend}", {**seen, "eval_accuracy": summary["eval_accuracy"], "packing": summary["packing"],
                                "loss": [summary["train_loss_first"], summary["train_loss_last"]],
-                               "train_runtime_s": summary["train_runtime_seconds"]})
+                               "train_runtime_s": summary["train_runtime_seconds"], "phases": summary["phases"]})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")
+def test_whole_flow_trains_on_two_gpus(tmp_path: Path) -> None:
+    """train.num_devices 2: the eight steps, train launched in one Unsloth rank per GPU by accelerate; the parent
+    loads no model (no load-4bit-model / attach-LoRA task runs: each rank loads and attaches its own copy)."""
+    code, log, seen = run_flow(tmp_path, "model.backend=unsloth", "model.load_in_4bit=true", "train.num_devices=2")
+    assert code == 0, log[-5000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_layout"] == "4 examples × 1 micro-batches × 2 rank(s)"
+    assert "train: 2 ranks via accelerate launch" in log and "Task run 'load-4bit-model" not in log
+    assert summary["train_steps"] == 120 and summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
+    assert summary["eval_accuracy"] is not None
+    report("flow_unsloth_2gpu", {**seen, "eval_accuracy": summary["eval_accuracy"], "phases": summary["phases"],
+                                 "loss": [summary["train_loss_first"], summary["train_loss_last"]],
+                                 "train_runtime_s": summary["train_runtime_seconds"]})
 
 
 def packing_check() -> dict[str, Any]:
