@@ -261,7 +261,9 @@ NOTEBOOK_VARIANTS = {
 
 
 def notebook_variant(name: str, base: Any, unpacked_steps: int) -> tuple[Any, dict[str, Any], bool]:
-    """(train settings, SFTConfig fields to force, flash varlen on) for a variant of the notebook workload."""
+    """(train settings, SFTConfig fields to force, flash varlen on) for a variant of the notebook workload;
+    `packed.2` is a repeat of `packed`."""
+    name = name.split(".")[0]
     if name == "notebook":
         return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps}), {"padding_free": None}, True
     if name in ("packed", "packed-ckpt"):

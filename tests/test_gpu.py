@@ -53,7 +53,8 @@ def run_flow(work: Path, *overrides: str) -> tuple[int, str, dict[str, float]]:
 
 @pytest.mark.parametrize("backend", ["unsloth", "transformers"])
 def test_whole_flow_trains_in_4bit_on_cuda(backend: str, tmp_path: Path) -> None:
-    code, log, seen = run_flow(tmp_path, f"model.backend={backend}", "model.load_in_4bit=true")
+    # one GPU: on a machine of several, num_devices auto would launch one rank per GPU (test below)
+    code, log, seen = run_flow(tmp_path, f"model.backend={backend}", "model.load_in_4bit=true", "train.num_devices=1")
     assert code == 0, log[-5000:]
     for name in TASKS:
         assert f"Task run '{name}-" in log, f"task {name} did not run"
