@@ -47,7 +47,9 @@ def test_packing_auto_is_off_on_the_cpu(flow_run: dict) -> None:
     flash-attention); transformers on a CPU runs sdpa, so the run trained on padded rows and says so."""
     assert flow_run["summary"]["packing"] is False
     log = flow_run["result"].stdout + flow_run["result"].stderr
-    assert "packing off (8 × 1 padded rows of ≤128 tokens)" in log
+    plan = next(line for line in log.splitlines() if "effective batch" in line)
+    assert "8 examples × 1 micro-batches × 1 rank(s)" in plan and "padded rows of ≤128 tokens" in plan
+    assert "packing off" in plan
 
 
 def test_lora_weights_moved_from_their_initialisation(flow_run: dict) -> None:
