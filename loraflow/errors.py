@@ -28,3 +28,8 @@ class StoreUnavailableError(Exception):
 
 class TrainingOutOfMemoryError(Exception):
     """The GPU ran out of memory: retrying the same batch would fail the same way, so it never retries."""
+
+
+class OutputWriteError(Exception):
+    """output.dir could not be written at the end of a run (no space, no permission); the message is one line naming
+    the folder and the reason. Not retried: the same write fails the same way until someone frees or fixes it."""
