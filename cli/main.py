@@ -37,6 +37,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--output", help="output folder (output.dir)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config key; repeatable; the value is read as YAML")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config, data, prompts and output folder, say what would be trained, and stop "
+                          "(no Prefect, no model weights)")
     webhook = commands.add_parser("webhook", help="the dataset-upload webhook receiver")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True, parser_class=ArgumentParser)
     serve = webhook_commands.add_parser("serve", help="receive S3/SNS/MinIO upload notifications; emit Prefect events")
@@ -84,19 +87,35 @@ def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{section: values} for section, values in named.items() if values] + [parse_assignment(s) for s in args.set]
 
 
-def preflight(cfg: Any) -> None:
-    """Everything that can be wrong with the input, found before Prefect starts or a model loads."""
-    from loraflow.backends import check_backend
-    from loraflow.data import read_dataset
-    from loraflow.prompts import check_template_fits
-    from loraflow.store import open_store
-    from loraflow.tracking import check_tracking
+def preflight(cfg: Any) -> Any:
+    """Everything that can be wrong with the input, found before Prefect starts or a model loads (loraflow.preflight);
+    returns the prompt set the run will train on."""
+    from loraflow.preflight import check_inputs
 
-    check_tracking(cfg.train)  # train.trainer_args against trl's SFTConfig, train.report_to's packages installed
-    datasets = [read_dataset(uri) for uri in (cfg.data.uri, cfg.data.eval_uri) if uri]
-    check_template_fits(cfg.prompt.template, datasets)
-    open_store(cfg.output.store).check()
-    check_backend(cfg.model.backend)
+    return check_inputs(cfg)
+
+
+def print_plan(cfg: Any, prompts: Any) -> None:
+    """What a run of `cfg` would train on and score (--dry-run), with the notes a run would record."""
+    from loraflow.batching import memorisation_note, passes_over_data
+    from loraflow.quality import FEW_SCORED
+
+    trained = len(prompts.train_prompts)
+    print("dry run: the input is valid; nothing was trained and no model weights were loaded")
+    print(f"train: {trained} examples"
+          + (f" ({prompts.num_too_long} longer than model.max_seq_length left out)" if prompts.num_too_long else "")
+          + f", the longest {prompts.longest_tokens} tokens (model.max_seq_length {cfg.model.max_seq_length}); "
+          f"each seen {passes_over_data(cfg.train, trained):.3g} times")
+    scored = min(len(prompts.eval_examples), cfg.infer.max_eval_examples) if prompts.labels else 0
+    print(f"eval: {len(prompts.eval_examples)} held-out examples"
+          + (f" ({prompts.num_eval_copies} copies of training rows removed)" if prompts.num_eval_copies else "")
+          + (f", {scored} scored on labels {', '.join(prompts.labels)}" if scored else ", no accuracy"))
+    notes = prompts.notes + [memorisation_note(cfg.train, trained)]
+    if 0 < scored < FEW_SCORED:
+        notes.append(f"only {scored} examples will be scored: an accuracy on fewer than {FEW_SCORED} is a rough guide "
+                     "(its 95% interval is printed beside it)")
+    for note in filter(None, notes):
+        print(f"note: {note}")
 
 
 def print_result(summary: Any) -> None:
@@ -107,11 +126,10 @@ def print_result(summary: Any) -> None:
     for item in summary.smoke_answers:
         expected = "" if item.expected is None else f"   (expected {item.expected})"
         print(f"  {item.input or '-'} -> {item.answer}{expected}")
-    if summary.eval_accuracy is not None:
-        print(f"eval accuracy: {summary.eval_accuracy:.3f} on {summary.num_eval_examples} held-out examples "
-              f"(base model: {summary.base_eval_accuracy:.3f}; {summary.eval_scoring} scoring; "
-              f"greedy answers: {summary.eval_accuracy_greedy:.3f})")
-    print(f"train loss: {summary.train_loss_first:.4f} -> {summary.train_loss_last:.4f} in {summary.train_steps} steps")
+    if summary.accuracy_line:
+        print(f"eval accuracy: {summary.accuracy_line}")
+    print(f"train loss: {summary.train_loss_first:.4f} -> {summary.train_loss_last:.4f} in {summary.train_steps} steps "
+          f"on {summary.num_train_examples} examples (each seen {summary.passes_over_data:g} times)")
     print(f"adapter saved to: {summary.adapter_dir}")
     print(f"summary: {os.path.join(summary.adapter_dir, SUMMARY_FILE)}")
     print(f"loss curve: {os.path.join(summary.adapter_dir, LOSS_CURVE_FILE)}")
@@ -119,6 +137,8 @@ def print_result(summary: Any) -> None:
         print(f"{run['tracker']}: {run['url'] or run['run_id']}")
     if summary.hub_url:
         print(f"pushed to: {summary.hub_url}")
+    for note in summary.notes:
+        print(f"note: {note}")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -128,7 +148,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, overrides_from(args))
-        preflight(cfg)
+        prompts = preflight(cfg)
     except LoraflowInputError as exc:
         fail(EXIT_INPUT, str(exc))
     except StoreUnavailableError as exc:
@@ -137,6 +157,9 @@ def run_command(args: argparse.Namespace) -> int:
         if not is_transient(exc):
             raise  # a bug: the traceback is the useful report
         fail(EXIT_FAILED, str(exc))  # the network failed while reading the input (the dataset's endpoint is down)
+    if args.dry_run:
+        print_plan(cfg, prompts)
+        return EXIT_OK
 
     from flows.finetune import finetune
     from loraflow.temporary_server import start_temporary_server_in_own_session

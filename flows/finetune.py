@@ -15,12 +15,13 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from loraflow.architecture import check_target_modules
 from loraflow.backends import choose_backend
 from loraflow.batching import check_packing
 from loraflow.cache_keys import cache_hits
 from loraflow.config import FinetuneConfig, build_config, deep_merge, read_config_file
 from loraflow.model_card import render_model_card
-from loraflow.outputs import run_record_uris
+from loraflow.outputs import check_output_dir, run_record_uris
 from loraflow.quality import check_gate_measurable, raise_for_outcome
 from loraflow.report import loss_curve_png, publish_run_artifacts
 from loraflow.results import persist_results_in
@@ -51,14 +52,16 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     mark("flow_started")
     cfg = resolve_config(config, config_file)
     check_tracking(cfg.train)  # trainer_args against SFTConfig, trackers installed: before anything loads
+    check_output_dir(cfg.output)  # unwritable, or holding files loraflow did not write: said before anything runs
     backend = choose_backend(cfg.model.backend)  # once per run; Unsloth is imported now, before transformers
     check_packing(cfg.train, backend)
+    check_target_modules(cfg.model, cfg.lora)  # from the model's config alone, before any weights load
     with persist_results_in(cfg.output.store):
         dataset = fetch_dataset_task(uri=cfg.data.uri)
         eval_dataset = fetch_dataset_task(uri=cfg.data.eval_uri) if cfg.data.eval_uri else None
         prompts = format_prompts_task(dataset=dataset, eval_dataset=eval_dataset, prompt=cfg.prompt, data=cfg.data,
                                       infer=cfg.infer, model=cfg.model)
-        check_gate_measurable(cfg.hub, prompts.labels)  # a gate on accuracy needs labels: said before any model loads
+        check_gate_measurable(cfg.hub, prompts.labels, prompts.why_no_labels)  # said before any model loads
         spec = plan_training(cfg, backend, dataset, eval_dataset, prompts)
         adapter = published_adapter(spec)  # trained before on the same inputs: load nothing, train nothing
         if adapter is None and spec.world_size > 1:  # one process per GPU: each loads and attaches its own copy
@@ -78,7 +81,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
         return_state=True)
     hub_url = push.result(raise_on_failure=False) if push and push.is_completed() else None
     summary = save_local_task(summary=finish(summary, started, hub_url=hub_url), model_card=card, loss_curve=curve,
-                              adapter=adapter, merged_key=merged, output_dir=cfg.output.dir)
+                              adapter=adapter, merged_key=merged, output_dir=cfg.output.dir,
+                              overwrite=cfg.output.overwrite)
     publish_run_artifacts(summary, curve)
     raise_for_outcome(summary, cfg.hub, push)  # the gate or the push failed: the run fails, with everything saved
     return summary

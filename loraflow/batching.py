@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loraflow.config import ModelConfig, TrainSettings
@@ -89,3 +90,33 @@ def check_packing(train: TrainSettings, backend: str) -> None:
     from loraflow.backends import backend_named
 
     packing_enabled(train, backend_named(backend).SUPPORTS_PACKING)
+
+
+MEMORISATION_PASSES = 10  # seen more often than this, a small set is learnt by heart rather than the task
+
+
+def passes_over_data(train: TrainSettings, num_examples: int, steps: int | None = None) -> float:
+    """How many times each training example is seen: examples per optimizer step (batch × accumulation; packing
+    keeps it) × steps / examples; train.num_epochs when max_steps is unset (max_steps wins, as in the trainer).
+    `steps`: the steps a finished run took, instead of the planned train.max_steps. 0.0 for no examples."""
+    if num_examples == 0:
+        return 0.0
+    steps = steps if steps is not None else train.max_steps
+    if steps is None:
+        return float(train.num_epochs or 0.0)
+    return steps * train.per_device_batch_size * train.gradient_accumulation_steps / num_examples
+
+
+def memorisation_note(train: TrainSettings, num_examples: int, steps: int | None = None) -> str | None:
+    """A sentence with the numbers when each training example is seen more than MEMORISATION_PASSES times; else None."""
+    passes = passes_over_data(train, num_examples, steps)
+    if passes <= MEMORISATION_PASSES:
+        return None
+    per_step = train.per_device_batch_size * train.gradient_accumulation_steps
+    planned = steps if steps is not None else train.max_steps
+    how = (f"{planned} steps × {per_step} examples per step / {num_examples} examples" if planned is not None
+           else f"train.num_epochs {train.num_epochs:g}")
+    fewer = (f", or lower train.max_steps to {math.floor(MEMORISATION_PASSES * num_examples / per_step) or 1}"
+             if planned is not None else ", or lower train.num_epochs")
+    return (f"each of the {num_examples} training examples is seen {passes:.0f} times ({how}): the adapter will likely "
+            f"memorise them rather than learn the task; add data{fewer} for at most {MEMORISATION_PASSES} passes")

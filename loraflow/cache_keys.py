@@ -77,17 +77,22 @@ def checkpoints_prefix(train_cache_key: str) -> str:
 # --- Prefect cache keys of the steps (cache_key_fn(context, parameters) -> key; None = do not cache) ------------------
 
 
+DATASET_RESULT_VERSION = 2  # in fetch-dataset's key: a Dataset cached in another shape is never read back
+PROMPTS_RESULT_VERSION = 2  # the same for format-prompts' Prompts
+
+
 def dataset_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     """fetch-dataset by what the bytes are, not where they are: a changed row changes the key (an S3 object's
     ETag changes with its bytes); None where neither is known (no caching)."""
     fingerprint = dataset_fingerprint(parameters["uri"])
-    return None if fingerprint is None else f"fetch-dataset-{fingerprint}"
+    return None if fingerprint is None else f"fetch-dataset-v{DATASET_RESULT_VERSION}-{fingerprint}"
 
 
 def prompts_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """format-prompts depends on the data, the template, the split and the tokenizer: nothing else."""
+    """format-prompts depends on the data, the template, the split, the tokenizer and the length examples must fit
+    (model.max_seq_length): nothing else. data.ignore_fields only decides whether it fails, and failures are not cached."""
     eval_dataset = parameters["eval_dataset"]
-    return "format-prompts-" + stable_hash(
+    return f"format-prompts-v{PROMPTS_RESULT_VERSION}-" + stable_hash(
         parameters["dataset"].sha256,
         eval_dataset.sha256 if eval_dataset else None,
         parameters["prompt"],
@@ -96,6 +101,7 @@ def prompts_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         parameters["infer"].prompts,
         parameters["model"].name,
         parameters["model"].revision,
+        parameters["model"].max_seq_length,
     )
 
 

@@ -31,6 +31,11 @@ class DataConfig(Section):
     eval_uri: str | None = Field(None, description="Separate eval file; when unset, eval_fraction is split off.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out when eval_uri is unset.")
     seed: int = Field(3407, description="Seed of the train/eval split.")
+    ignore_fields: list[str] = Field(
+        default_factory=list,
+        description="Record fields to leave out of training on purpose (ids, sources). Any other field that holds data "
+        "and that the template or the record shape does not use stops the run.",
+    )
 
 
 class PromptConfig(Section):
@@ -52,6 +57,17 @@ class PromptConfig(Section):
             )
         if not template.rstrip().endswith("{output}"):
             raise ValueError("a custom template must end with {output}: generation continues from there")
+        before = template[: template.index("{output}")]
+        if before and before[-1].isspace() and before[-1] not in "\r\n":
+            # Tokenizers attach a space (or tab) to the word after it: " positive" is one token. The prompt would end
+            # in a lone space token the model never sees before an answer, so prompt + answer tokens differ from the
+            # training text's (TRL warns per row) and generation starts from the wrong place.
+            shown = before.rstrip().splitlines()[-1][-20:] if before.strip() else ""
+            raise ValueError(
+                f"whitespace right before {{output}} ({shown + before[len(before.rstrip()):] + '{output}'!r}) splits the "
+                "answer's first token between prompt and answer (tokenizers attach the space to the word after it); "
+                f"end the prompt without it ({shown + '{output}'!r}) or with a newline ({shown + chr(10) + '{output}'!r})"
+            )
         unknown = set(re.findall(r"\{(\w*)\}", template)) - {"instruction", "input", "output"}
         if unknown:
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{instruction}}, {{input}}, {{output}}")
@@ -187,6 +203,11 @@ class OutputSettings(Section):
         "(and the store): loads with AutoModelForCausalLM.from_pretrained, no PEFT needed.",
     )
     save_gguf: bool = Field(False, description="GGUF export: not available offline; see the error it gives.")
+    overwrite: bool = Field(
+        False,
+        description="Replace an output.dir that holds files loraflow did not write (they are deleted). Off: such a "
+        "folder stops the run before anything loads; a folder an earlier run wrote is replaced whole either way.",
+    )
 
     @field_validator("save_gguf")
     @classmethod
@@ -294,7 +315,9 @@ def build_config(raw: dict[str, Any], source: str = "config") -> FinetuneConfig:
         return FinetuneConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+            # pydantic prefixes a validator's own message with "Value error, ": the message is ours, say it plainly
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
 

@@ -8,7 +8,8 @@ Chat turns alternate user/assistant after an optional system turn and end with t
 
 A bad dataset fails here, before any model is loaded, with one message naming the file, the row and the
 field. The rows that come out are plain dicts {instruction, input, output} of strings, or, for both chat
-shapes, {messages: [{role, content}, ...]} with roles system/user/assistant.
+shapes, {messages: [{role, content}, ...]} with roles system/user/assistant. Fields a record has beyond those are
+not carried in the rows, but counted (`Dataset.field_counts`), so format-prompts can refuse to drop data silently.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import re
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -39,6 +40,9 @@ class Dataset:
     uri: str
     rows: list[dict[str, Any]]
     sha256: str  # of the bytes read (for a Hub dataset: of its rows as canonical JSON lines)
+    # every top-level field of the records as read -> how many rows hold data in it (a non-blank value), including
+    # fields the rows above leave out: what the template or the record shape does not use is found from these
+    field_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_chat(self) -> bool:
@@ -61,7 +65,8 @@ def read_dataset(uri: str) -> Dataset:
     else:
         raw, name = read_local(uri), uri
     records = parse_records(raw, name)
-    return Dataset(uri=uri, rows=validate_rows(records, name), sha256=hashlib.sha256(raw).hexdigest())
+    return Dataset(uri=uri, rows=validate_rows(records, name), sha256=hashlib.sha256(raw).hexdigest(),
+                   field_counts=count_fields(records))
 
 
 # --- reading bytes -----------------------------------------------------------------------------------------
@@ -135,9 +140,11 @@ def read_hub_dataset(dataset_id: str) -> Dataset:
     except ConnectionError as exc:  # still a ConnectionError, so the task retries it; the CLI prints one line
         raise ConnectionError(f"{no_such_file(dataset_id)}, and the Hugging Face Hub could not be reached to "
                               f"fetch a dataset of that name ({exc})") from None
-    rows = validate_rows([(f"row {i}", record) for i, record in enumerate(loaded, start=1)], dataset_id)
+    records = [(f"row {i}", record) for i, record in enumerate(loaded, start=1)]
+    rows = validate_rows(records, dataset_id)
     canonical = "\n".join(json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows).encode()
-    return Dataset(uri=dataset_id, rows=rows, sha256=hashlib.sha256(canonical).hexdigest())
+    return Dataset(uri=dataset_id, rows=rows, sha256=hashlib.sha256(canonical).hexdigest(),
+                   field_counts=count_fields(records))
 
 
 # --- parsing -----------------------------------------------------------------------------------------------
@@ -191,13 +198,35 @@ def parse_jsonl(text: str, name: str) -> list[tuple[str, Any]]:
 
 
 def parse_csv(text: str, name: str) -> list[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
+    """Every data row must have exactly the header's number of fields.
+
+    A field with an unquoted comma splits in two: csv.DictReader hands the first values to the header's columns and
+    files the rest under a key of None, so the text after the comma becomes the next column (the label ' dark')
+    and the real label is lost. Raises DatasetError naming the row, its line, both counts and the hint to quote.
+    """
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
     missing = [field for field in REQUIRED_FIELDS if field not in header]
     if missing:
         raise DatasetError(f"{name}: CSV header has no column {', '.join(repr(m) for m in missing)} (found: {header})")
-    # Row numbers count data rows from 1; the file line is one more because of the header.
-    return [(f"row {i} (line {reader.line_num})", dict(record)) for i, record in enumerate(reader, start=1)]
+    records = []
+    for values in reader:
+        if not values:  # a blank line is no row (csv.DictReader skips them too)
+            continue
+        # Row numbers count data rows from 1; reader.line_num is the file line where this row ends.
+        where = f"row {len(records) + 1} (line {reader.line_num})"
+        if len(values) != len(header):
+            read_as = " | ".join(repr(shortened(value)) for value in values)
+            raise DatasetError(
+                f"{name}: {where}: {len(values)} fields, but the header has {len(header)} ({', '.join(header)}); "
+                f"read as {read_as}. Put a field that contains commas in double quotes: ...,\"small, dark, and cold\",..."
+            )
+        records.append((where, dict(zip(header, values))))
+    return records
+
+
+def shortened(text: str, limit: int = 30) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_parquet(raw: bytes, name: str) -> list[tuple[str, Any]]:
@@ -219,6 +248,27 @@ def parse_parquet(raw: bytes, name: str) -> list[tuple[str, Any]]:
 def json_type(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def holds_data(value: Any) -> bool:
+    """A value that means something: not null, not blank text, not an empty array or object."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, (list, dict)):
+        return bool(value)
+    return True
+
+
+def count_fields(records: list[tuple[str, Any]]) -> dict[str, int]:
+    """Top-level field -> how many records hold data in it (records that are not objects count for nothing)."""
+    counts: dict[str, int] = {}
+    for _, record in records:
+        if isinstance(record, dict):
+            for key, value in record.items():
+                counts[str(key)] = counts.get(str(key), 0) + holds_data(value)
+    return counts
 
 
 def validate_rows(records: list[tuple[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -33,3 +33,8 @@ class TrainingOutOfMemoryError(Exception):
 class StoreDataError(Exception):
     """Something in the store cannot be read as loraflow wrote it (a manifest or an alias file that is not valid
     JSON of the expected shape): store maintenance stops rather than guess what it references."""
+
+
+class OutputWriteError(Exception):
+    """output.dir could not be written at the end of a run (no space, no permission); the message is one line naming
+    the folder and the reason. Not retried: the same write fails the same way until someone frees or fixes it."""

@@ -12,7 +12,8 @@ from loraflow.summary import LOSS_CURVE_FILE, RunSummary
 
 HUB_DATASET_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 CARD_METRICS = ("train_steps", "train_loss_first", "train_loss_last", "train_tokens_per_second", "eval_accuracy",
-                "base_eval_accuracy")
+                "base_eval_accuracy", "eval_accuracy_ci", "base_eval_accuracy_ci", "num_scored_examples",
+                "num_train_examples", "passes_over_data", "num_train_examples_too_long", "num_eval_duplicates_removed")
 
 
 def card_data(summary: RunSummary, hub: HubSettings):
@@ -52,7 +53,7 @@ Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summar
 | base model | `{summary.model}` (revision `{summary.model_revision or "default"}`) |
 | dataset | `{summary.dataset_uri}` |
 | dataset sha256 | `{summary.dataset_sha256}` |
-| examples | {summary.num_train_examples} train / {summary.num_eval_examples} eval |
+| examples | {summary.num_train_examples} train (each seen {summary.passes_over_data:g} times) / {summary.num_eval_examples} eval |
 | prompt template | `{template}` |
 
 ## LoRA
@@ -89,15 +90,20 @@ tokenizer = AutoTokenizer.from_pretrained("<this repo>")
 
 def render_accuracy(summary: RunSummary) -> str:
     """Accuracy on the eval split, fine-tuned against the base model, and the per-label table (loraflow.report)."""
-    from loraflow.report import per_label_table
+    from loraflow.report import notes_markdown, per_label_table
+    from loraflow.summary import interval_text
 
     if summary.eval_accuracy is None:
-        return "Eval accuracy was not measured: the eval outputs do not form a closed label set."
-    scored = sum(s["support"] for s in summary.eval_per_label.values())
+        return "\n".join(["Eval accuracy was not measured: the eval outputs do not form a closed label set.", "",
+                          *notes_markdown(summary)])
+    scored = summary.num_scored_examples
     return "\n".join([
         f"Eval accuracy on {scored} held-out examples: **{summary.eval_accuracy:.3f}** fine-tuned, "
         f"{summary.base_eval_accuracy:.3f} base model ({summary.eval_scoring} scoring; the fine-tuned model's greedy "
-        f"answers: {summary.eval_accuracy_greedy:.3f}).",
+        f"answers: {summary.eval_accuracy_greedy:.3f}). 95% intervals (Wilson): fine-tuned "
+        f"{interval_text(summary.eval_accuracy_ci)}, base model {interval_text(summary.base_eval_accuracy_ci)}.",
         "",
         *per_label_table(summary),
+        "",
+        *notes_markdown(summary),
     ])

@@ -3,6 +3,15 @@
 Every row becomes a prompt (where generation starts) and a completion (the answer and EOS). With
 train.completion_only_loss the loss is on the completions only: for a conversation, its last assistant
 turn (see loraflow/templates.py).
+
+Nothing is dropped, cut or called held-out silently. Before a tokenizer is needed (`plan_rows`): a field that holds
+data and that the template or the record shape does not use stops the run; too few rows for an eval split stop it;
+eval rows identical to training rows are removed and counted (all of them: the run stops); the label set must have
+2 to 20 labels. With the tokenizer (`build_prompts`): every training example's length in tokens is measured as TRL
+tokenizes it; one longer than model.max_seq_length would have its answer cut off, so it is left out and counted
+(all of them: the run stops); the prompt's tokens must be the first tokens of prompt + answer; the chat template
+must exist where it is used. Errors are ConfigError / DatasetError (exit 2); what a user must know is in
+`Prompts.notes`.
 """
 
 from __future__ import annotations
@@ -11,15 +20,15 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loraflow.config import DataConfig, InferSettings, PromptConfig
-from loraflow.errors import ConfigError
+from loraflow.config import BUILTIN_TEMPLATES, DataConfig, InferSettings, ModelConfig, PromptConfig
+from loraflow.errors import ConfigError, DatasetError
 from loraflow.logs import run_logger
 from loraflow.models import resolve_model
 from loraflow.templates import answer_of, render
-from loraflow.data import Dataset
+from loraflow.data import CHAT_FIELDS, Dataset
 from loraflow.store import Store
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label set
@@ -45,6 +54,11 @@ class Prompts:
     infer_prompts: list[EvalExample]  # from infer.prompts, rendered the same way
     labels: list[str] | None  # the closed label set, when the outputs form one
     eos_token: str
+    why_no_labels: str | None = None  # what keeps the eval outputs from forming a label set; None when they do
+    num_too_long: int = 0  # training examples left out: longer than model.max_seq_length (their answers would be cut)
+    longest_tokens: int = 0  # the longest training example in tokens, left out or not (0: not measured)
+    num_eval_copies: int = 0  # eval rows removed for being identical to a training row
+    notes: list[str] = field(default_factory=list)  # what the user must know about the data, one sentence each
 
     @property
     def train_texts(self) -> list[str]:
@@ -71,16 +85,128 @@ def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[
     return shuffled[held_out:], shuffled[:held_out]
 
 
-def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[str] | None:
-    """The labels, when the training answers take at most MAX_LABELS distinct values, each at least twice,
-    and every eval answer is one of them; else None (free text: no accuracy)."""
+def why_no_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> str | None:
+    """What keeps the eval outputs from forming a closed label set, in words; None when they form one.
+
+    A label set: 2 to MAX_LABELS distinct training answers (stripped), each at least twice, and every eval answer
+    one of them. One label is no label set: a model that always gives it scores 1.0, which measures nothing."""
     counts = Counter(answer_of(row).strip() for row in train_rows)
-    labels = set(counts)
-    if not eval_rows or len(labels) > MAX_LABELS or min(counts.values(), default=0) < 2:
+    if not eval_rows:
+        return "there are no eval rows to score"
+    if len(counts) == 1:
+        (label,) = counts
+        return f"every training output is {label!r}: one label is not a label set (a model that always answers it scores 1.0)"
+    if len(counts) > MAX_LABELS:
+        return f"the training outputs take {len(counts)} distinct values (free text; a label set has at most {MAX_LABELS})"
+    once = sorted(label for label, count in counts.items() if count < 2)
+    if once:
+        return f"{len(once)} training output(s) occur only once (e.g. {once[0]!r}); every label must occur at least twice"
+    outside = sorted({answer_of(row).strip() for row in eval_rows} - set(counts))
+    if outside:
+        return f"eval output {outside[0]!r} is not among the training outputs"
+    return None
+
+
+def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[str] | None:
+    """The labels, when the outputs form a closed label set (see why_no_label_set); else None (no accuracy)."""
+    if why_no_label_set(train_rows, eval_rows) is not None:
         return None
-    if any(answer_of(row).strip() not in labels for row in eval_rows):
-        return None
-    return sorted(labels)
+    return sorted({answer_of(row).strip() for row in train_rows})
+
+
+def row_identity(row: dict[str, Any]) -> str:
+    """A row as compared for copies: every field stripped, as the labels are (`' 积极 '` and `'积极'` are one label)."""
+    if "messages" in row:
+        return json.dumps([(m["role"], m["content"].strip()) for m in row["messages"]], ensure_ascii=False)
+    return json.dumps([row[name].strip() for name in ("instruction", "input", "output")], ensure_ascii=False)
+
+
+def template_fields(template: str, dataset: Dataset) -> tuple[str, ...]:
+    """The record fields a run renders: a conversation's turns; an instruction record's fields the template names
+    (the built-in templates and `chat` use all three)."""
+    if dataset.is_chat:
+        return CHAT_FIELDS
+    if template in BUILTIN_TEMPLATES:
+        return ("instruction", "input", "output")
+    return tuple(name for name in ("instruction", "input", "output") if "{" + name + "}" in template)
+
+
+def check_fields_used(template: str, datasets: list[Dataset], ignore_fields: list[str]) -> None:
+    """Every field that holds data is rendered into the prompts, or named in data.ignore_fields.
+
+    An error rather than a warning: a template without {input} turns a classifier's training set into its
+    instruction alone, and a column spelled differently ('Input', 'context') is read as no input at all; a run is
+    often unattended, and a warning is read after the adapter is pushed. Raises DatasetError naming the file, the
+    field, how many rows hold data in it, and the two fixes."""
+    for dataset in datasets:
+        used = template_fields(template, dataset)
+        unused = {name: count for name, count in dataset.field_counts.items()
+                  if count and name not in used and name not in ignore_fields}
+        if not unused:
+            continue
+        rows = len(dataset.rows)
+        name = "input" if "input" in unused else next(iter(unused))  # the template's own field first: the likelier slip
+        count = unused[name]
+        others = f" (and {', '.join(repr(n) for n in unused if n != name)})" if len(unused) > 1 else ""
+        if name == "input" and not dataset.is_chat:
+            raise DatasetError(
+                f"{dataset.uri}: field 'input' holds data in {count} of {rows} rows{others}, and prompt.template has no "
+                "{input}: every row's input would be left out of its prompt. Add {input} to the template, or list "
+                "'input' in data.ignore_fields to train without it"
+            )
+        shape = "a chat record uses " + "/".join(CHAT_FIELDS) if dataset.is_chat else (
+            f"prompt.template uses {', '.join(used)}")
+        raise DatasetError(
+            f"{dataset.uri}: field {name!r} holds data in {count} of {rows} rows{others}, and nothing reads it ({shape}): "
+            "its text would never reach the model. Rename it to a field the template uses, or list it in "
+            "data.ignore_fields to leave it out on purpose"
+        )
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What format-prompts decides before it needs a tokenizer: which rows train, which are scored, the labels."""
+
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]  # copies of training rows removed
+    num_eval_copies: int  # eval rows removed for being identical to a training row
+    labels: list[str] | None
+    why_no_labels: str | None
+
+
+def plan_rows(train: Dataset, eval_dataset: Dataset | None, prompt: PromptConfig, data: DataConfig) -> RowPlan:
+    """Check the rows against the template and split them, before any tokenizer or model loads.
+
+    Raises ConfigError (chat records with another template) or DatasetError: a field nothing reads, too few rows
+    for an eval split, or every eval row a copy of a training row (nothing would be held out). Eval rows that are
+    copies of training rows (compared after stripping, as labels are) are removed and counted: scoring the model
+    on what it trained on measures memory, not what it learnt."""
+    datasets = [train] + ([eval_dataset] if eval_dataset else [])
+    check_template_fits(prompt.template, datasets)
+    check_fields_used(prompt.template, datasets, data.ignore_fields)
+    if eval_dataset is not None:
+        train_rows, eval_rows = train.rows, eval_dataset.rows
+    else:
+        if data.eval_fraction > 0 and len(train.rows) < 2:
+            raise DatasetError(
+                f"{train.uri}: {len(train.rows)} row is too few for an eval split (data.eval_fraction "
+                f"{data.eval_fraction:g}): at least 2 rows are needed, 1 held out and 1 to train on, and far more for "
+                "an accuracy that means anything. Add rows, give data.eval_uri, or set data.eval_fraction: 0"
+            )
+        train_rows, eval_rows = split_rows(train.rows, data.eval_fraction, data.seed)
+    seen = {row_identity(row) for row in train_rows}
+    kept = [row for row in eval_rows if row_identity(row) not in seen]
+    copies = len(eval_rows) - len(kept)
+    if eval_rows and not kept:
+        where = (f"{eval_dataset.uri}: all {copies} eval rows are copies of rows in {train.uri} (the same file?)"
+                 if eval_dataset is not None else
+                 f"{train.uri}: all {copies} rows held out for eval (data.eval_fraction {data.eval_fraction:g}) are copies "
+                 f"of training rows: the file holds {len(seen | {row_identity(r) for r in eval_rows})} distinct rows "
+                 f"among {len(train.rows)}")
+        raise DatasetError(f"{where}; nothing would be held out, and an accuracy on them would measure memory. Remove "
+                           "the repeated rows, or give data.eval_uri rows the model does not train on")
+    why_not = why_no_label_set(train_rows, kept)
+    return RowPlan(train_rows, kept, copies, None if why_not else closed_label_set(train_rows, kept), why_not)
 
 
 def check_template_fits(template: str, datasets: list[Dataset]) -> None:
@@ -114,9 +240,113 @@ def example_of(template: str, row: dict[str, Any], tokenizer: Any, answer: str |
 
 
 def load_tokenizer(model_name: str, revision: str | None) -> Any:
+    """The model's tokenizer (no weights). Raises ConfigError when there is none to load (no such folder or Hub
+    model); a network failure stays what it was, so a task retries it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(model_name), revision=revision)
+    from loraflow.retries import is_transient
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model_name), revision=revision)
+    except OSError as exc:  # transformers and huggingface_hub raise OSError subclasses for a model they cannot find
+        if is_transient(exc):
+            raise
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = f"model.name: cannot load the tokenizer of {model_name}: {first_line}"
+        if "couldn't connect" in first_line.lower():  # the Hub is down or unreachable, not a wrong name
+            raise ConnectionError(message) from None
+        raise ConfigError(message) from None
+
+
+def check_chat_template(template: str, datasets: list[Dataset], tokenizer: Any, model_name: str) -> None:
+    """prompt.template chat (and chat records) render with the tokenizer's chat template: it must have one.
+    Raises ConfigError naming prompt.template and the model."""
+    if (template == "chat" or any(d.is_chat for d in datasets)) and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"prompt.template: chat renders with the tokenizer's chat template, and the tokenizer of {model_name} has "
+            "none (a base model, not an instruct one); use alpaca, alpaca_zh or a custom template with "
+            "instruction records, or a model with a chat template"
+        )
+
+
+def token_lengths(tokenizer: Any, prompts: list[str], texts: list[str]) -> tuple[list[int], list[int]]:
+    """Each text's length in tokens as TRL tokenizes it (`tokenizer(text)`, special tokens included), and the
+    indices of the examples whose prompt tokens are not the first tokens of prompt + completion (where TRL warns
+    of a mismatch and its completion mask is off)."""
+    text_ids = tokenizer(texts)["input_ids"]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    split = [i for i, (head, whole) in enumerate(zip(prompt_ids, text_ids)) if whole[: len(head)] != head]
+    return [len(ids) for ids in text_ids], split
+
+
+def build_prompts(
+    train: Dataset,
+    eval_dataset: Dataset | None,
+    prompt: PromptConfig,
+    data: DataConfig,
+    infer: InferSettings,
+    tokenizer: Any,
+    model: ModelConfig | None = None,
+) -> Prompts:
+    """Rows -> training texts, eval prompts with expected answers, and the smoke-test prompts; logs nothing.
+
+    With `model`, every training example is measured in tokens: one longer than model.max_seq_length is left out
+    (TRL would cut its answer off, or drop it when the prompt alone fills the length) and counted in the notes.
+    Raises ConfigError (no chat template, a template whose prompt ends inside the answer's first token) or
+    DatasetError (see plan_rows; every training example too long)."""
+    plan = plan_rows(train, eval_dataset, prompt, data)
+    datasets = [train] + ([eval_dataset] if eval_dataset else [])
+    model_name = model.name if model else getattr(tokenizer, "name_or_path", "the model")
+    check_chat_template(prompt.template, datasets, tokenizer, model_name)
+    texts = [split_text(prompt.template, row, tokenizer) for row in plan.train_rows]
+    notes: list[str] = []
+    if plan.num_eval_copies:
+        notes.append(
+            f"{plan.num_eval_copies} of {plan.num_eval_copies + len(plan.eval_rows)} eval rows were copies of training "
+            f"rows and were removed; {len(plan.eval_rows)} held-out rows remain"
+        )
+    lengths, split_inside = token_lengths(tokenizer, [head for head, _ in texts], [h + t for h, t in texts])
+    if split_inside:
+        head, tail = texts[split_inside[0]]
+        raise ConfigError(
+            f"prompt.template: in {len(split_inside)} of {len(texts)} training examples the prompt's last token and "
+            f"the answer's first merge into one (prompt ends {head[-20:]!r}, answer starts {tail[:12]!r}), so the "
+            "answer cannot be split off at a token boundary; end the prompt with a newline or a character the answer "
+            "cannot join"
+        )
+    too_long = [i for i, n in enumerate(lengths) if model is not None and n > model.max_seq_length]
+    if too_long and len(too_long) == len(texts):
+        raise DatasetError(
+            f"{train.uri}: all {len(texts)} training examples are longer than model.max_seq_length "
+            f"{model.max_seq_length} tokens (shortest {min(lengths)}, longest {max(lengths)}): their answers would be "
+            f"cut off and nothing could be trained; set model.max_seq_length: {max(lengths)} (or shorten the examples)"
+        )
+    if too_long:
+        notes.append(
+            f"{len(too_long)} of {len(texts)} training examples are longer than model.max_seq_length "
+            f"{model.max_seq_length} tokens (the longest: {max(lengths)}) and were left out, since their answers would "
+            f"be cut off; set model.max_seq_length: {max(lengths)} to train on them"
+        )
+        dropped = set(too_long)
+        texts = [pair for i, pair in enumerate(texts) if i not in dropped]
+    if plan.why_no_labels and plan.eval_rows:
+        notes.append(f"eval accuracy is not measured: {plan.why_no_labels}")
+    return Prompts(
+        train_prompts=[head for head, _ in texts],
+        train_completions=[tail for _, tail in texts],
+        eval_examples=[example_of(prompt.template, row, tokenizer, answer_of(row).strip()) for row in plan.eval_rows],
+        infer_prompts=[
+            example_of(prompt.template, {"instruction": p.instruction, "input": p.input}, tokenizer, None)
+            for p in infer.prompts
+        ],
+        labels=plan.labels,
+        eos_token=tokenizer.eos_token,
+        why_no_labels=plan.why_no_labels,
+        num_too_long=len(too_long),
+        longest_tokens=max(lengths, default=0),
+        num_eval_copies=plan.num_eval_copies,
+        notes=notes,
+    )
 
 
 def format_prompts(
@@ -126,29 +356,17 @@ def format_prompts(
     data: DataConfig,
     infer: InferSettings,
     tokenizer: Any,
+    model: ModelConfig | None = None,
 ) -> Prompts:
-    """Rows -> training texts, eval prompts with expected answers, and the smoke-test prompts."""
-    check_template_fits(prompt.template, [train] + ([eval_dataset] if eval_dataset else []))
-    if eval_dataset is not None:
-        train_rows, eval_rows = train.rows, eval_dataset.rows
-    else:
-        train_rows, eval_rows = split_rows(train.rows, data.eval_fraction, data.seed)
-    texts = [split_text(prompt.template, row, tokenizer) for row in train_rows]
-    prompts = Prompts(
-        train_prompts=[head for head, _ in texts],
-        train_completions=[tail for _, tail in texts],
-        eval_examples=[example_of(prompt.template, row, tokenizer, answer_of(row).strip()) for row in eval_rows],
-        infer_prompts=[
-            example_of(prompt.template, {"instruction": p.instruction, "input": p.input}, tokenizer, None)
-            for p in infer.prompts
-        ],
-        labels=closed_label_set(train_rows, eval_rows),
-        eos_token=tokenizer.eos_token,
-    )
-    run_logger().info(
+    """build_prompts, with what it found in the run's log: each note as a warning. Raises what build_prompts raises."""
+    prompts = build_prompts(train, eval_dataset, prompt, data, infer, tokenizer, model)
+    log = run_logger()
+    log.info(
         "format-prompts: %d train texts, %d eval examples, %d smoke prompts, labels=%s",
         len(prompts.train_prompts), len(prompts.eval_examples), len(prompts.infer_prompts), prompts.labels,
     )
+    for note in prompts.notes:
+        log.warning("format-prompts: %s", note)
     return prompts
 
 

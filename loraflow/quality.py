@@ -8,11 +8,45 @@ to stop may go on after a newline, and the first-line rule reads both the same w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from loraflow.config import HubSettings
 from loraflow.errors import ConfigError, QualityGateError
+
+
+WILSON_Z = 1.96  # the standard normal quantile of a two-sided 95 % interval
+FEW_SCORED = 30  # fewer scored examples than this: the interval is wide, and the CLI, card and report say so
+
+
+def wilson_interval(successes: int, total: int, z: float = WILSON_Z) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (E. B. Wilson, "Probable inference, the law of succession, and
+    statistical inference", JASA 22 (1927) 209-212): with p = successes / total and n = total,
+
+        centre = (p + z² / 2n) / (1 + z² / n)
+        half   = z / (1 + z² / n) × sqrt(p (1 - p) / n + z² / 4n²)
+
+    and (centre - half, centre + half), clipped to 0..1 against rounding. Unlike p ± z·sqrt(p(1-p)/n) it stays
+    inside 0..1 and is not zero-width at 0 of n or n of n (2 of 2 right: 0.34..1.0). Returns None for total 0.
+    Raises ValueError unless 0 <= successes <= total.
+    """
+    if not 0 <= successes <= total:
+        raise ValueError(f"wilson_interval: successes {successes} not within 0..{total}")
+    if total == 0:
+        return None
+    p, n = successes / total, total
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(accuracy: float | None, scored: int) -> tuple[float, float] | None:
+    """The 95 % Wilson interval of an accuracy measured on `scored` examples (accuracy = right / scored)."""
+    if accuracy is None or scored == 0:
+        return None
+    return wilson_interval(round(accuracy * scored), scored)
 
 
 @dataclass(frozen=True)
@@ -67,13 +101,17 @@ def score_labels(given: list[str | None], expected: list[str], labels: list[str]
     return EvalScores(accuracy, per_label)
 
 
-def check_gate_measurable(hub: HubSettings, labels: list[str] | None) -> None:
-    """Before any model loads: a gate on accuracy needs eval outputs that form a closed label set."""
+def check_gate_measurable(hub: HubSettings, labels: list[str] | None, why_not: str | None = None) -> None:
+    """Before any model loads: a gate on accuracy needs eval outputs that form a closed label set.
+
+    `why_not` is what keeps them from forming one (loraflow.prompts.why_no_label_set), said in the error.
+    Raises ConfigError when a gate is on and there is no label set."""
     if hub.gate_on and labels is None:
+        reason = f" ({why_not})" if why_not else ""
         raise ConfigError(
-            "hub.min_eval_accuracy / hub.require_beat_base need eval accuracy, and these eval outputs are not a "
-            "closed label set (at most 20 distinct training outputs, each at least twice, every eval output among "
-            "them): turn the gate off or use labelled data"
+            f"hub.min_eval_accuracy / hub.require_beat_base need eval accuracy, and these eval outputs are not a "
+            f"closed label set{reason}; a label set has 2 to 20 distinct training outputs, each at least twice, "
+            "and every eval output among them: turn the gate off or use labelled data"
         )
 
 

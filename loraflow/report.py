@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from loraflow.summary import LOSS_CURVE_FILE, RunSummary
+from loraflow.summary import LOSS_CURVE_FILE, RunSummary, interval_text
 from loraflow.tracking import publish_tracker_links
 
 METRICS_ARTIFACT_KEY = "finetune-metrics"
@@ -53,12 +53,23 @@ def metrics_table(summary: RunSummary) -> list[dict[str, Any]]:
         {"metric": "GPUs (ranks)", "value": summary.world_size},
         {"metric": "gradient checkpointing", "value": summary.gradient_checkpointing or None},
         {"metric": "submitted → first step (s)", "value": summary.phases.get("first_step")},
+        {"metric": "train examples", "value": summary.num_train_examples},
+        {"metric": "times each train example was seen", "value": summary.passes_over_data},
         {"metric": "eval examples", "value": summary.num_eval_examples},
+        {"metric": "eval examples scored", "value": summary.num_scored_examples},
         {"metric": "eval accuracy, fine-tuned", "value": rounded(summary.eval_accuracy)},
+        {"metric": "eval accuracy, fine-tuned, 95% interval", "value": interval_cell(summary.eval_accuracy_ci)},
         {"metric": "eval accuracy, base model", "value": rounded(summary.base_eval_accuracy)},
+        {"metric": "eval accuracy, base model, 95% interval", "value": interval_cell(summary.base_eval_accuracy_ci)},
         {"metric": "eval accuracy, greedy answers", "value": rounded(summary.eval_accuracy_greedy)},
         {"metric": "quality gate", "value": summary.quality_gate.verdict},
+        {"metric": "notes", "value": len(summary.notes)},
     ]
+
+
+def interval_cell(interval: tuple[float, float] | None) -> str | None:
+    """A 95 % interval as 'low–high' (3 decimals); None where accuracy was not measured."""
+    return None if interval is None else interval_text(interval)
 
 
 def cell(value: Any) -> str:
@@ -88,15 +99,23 @@ def per_label_table(summary: RunSummary) -> list[str]:
     return lines
 
 
+def notes_markdown(summary: RunSummary) -> list[str]:
+    """The summary's notes as a markdown list under a heading (the report and the model card); none: no lines."""
+    if not summary.notes:
+        return []
+    return ["**Read the numbers with these in mind:**", "", *[f"- {note}" for note in summary.notes], ""]
+
+
 def report_markdown(summary: RunSummary, loss_curve: bytes) -> str:
     """The run in markdown: loss curve inline, accuracy of both models, the per-label table, every answer."""
     lines = [
         f"# Fine-tune of `{summary.model}`",
         "",
         f"Backend `{summary.backend}`, dataset `{summary.dataset_uri}`, {summary.num_train_examples} train / "
-        f"{summary.num_eval_examples} eval examples, {summary.train_steps} steps: loss "
-        f"{cell(summary.train_loss_first)} → {cell(summary.train_loss_last)}.",
+        f"{summary.num_eval_examples} eval examples, {summary.train_steps} steps (each train example seen "
+        f"{summary.passes_over_data:g} times): loss {cell(summary.train_loss_first)} → {cell(summary.train_loss_last)}.",
         "",
+        *notes_markdown(summary),
         "## Loss curve",
         "",
         f"![training loss]({inline_png(loss_curve)})",
@@ -114,6 +133,9 @@ def report_markdown(summary: RunSummary, loss_curve: bytes) -> str:
             "| | fine-tuned | base model |",
             "|---|---|---|",
             f"| accuracy | {cell(summary.eval_accuracy)} | {cell(summary.base_eval_accuracy)} |",
+            f"| 95% interval (Wilson) | {interval_text(summary.eval_accuracy_ci)} | "
+            f"{interval_text(summary.base_eval_accuracy_ci)} |",
+            f"| examples scored | {summary.num_scored_examples} | {summary.num_scored_examples} |",
             "",
             f"Scored by {SCORING_WORDS[summary.eval_scoring]}. The fine-tuned model's greedy answers alone: "
             f"{cell(summary.eval_accuracy_greedy)}.",

@@ -13,11 +13,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from loraflow.batching import memorisation_note, passes_over_data
 from loraflow.config import FinetuneConfig
 from loraflow.data import Dataset
 from loraflow.inference import InferResult
 from loraflow.prompts import Prompts
-from loraflow.quality import gate_failures
+from loraflow.quality import FEW_SCORED, accuracy_interval, gate_failures
 from loraflow.timeline import mark, phases
 from loraflow.tracking import runs_for_summary
 from loraflow.training import AdapterRef
@@ -56,7 +57,8 @@ class SmokeAnswer(BaseModel):
 
 
 class RunSummary(BaseModel):
-    """What a run did and measured. Accuracies are fractions of the scored eval examples (0..1)."""
+    """What a run did and measured. Accuracies are fractions of the scored eval examples (0..1); each comes with
+    its 95 % Wilson interval (low, high), None where not measured."""
 
     flow_run_id: str
     backend: str
@@ -68,8 +70,8 @@ class RunSummary(BaseModel):
     dataset_uri: str
     dataset_sha256: str
     eval_dataset_uri: str | None
-    num_train_examples: int
-    num_eval_examples: int
+    num_train_examples: int  # the examples trained on (too-long ones left out)
+    num_eval_examples: int  # held-out examples: eval rows, copies of training rows removed
     train_steps: int
     resumed_from_step: int
     train_loss_first: float | None
@@ -101,9 +103,51 @@ class RunSummary(BaseModel):
     cached_tasks: list[str]
     hub_url: str | None = None
     duration_seconds: float | None = None
+    num_scored_examples: int = 0  # eval examples scored for accuracy (at most infer.max_eval_examples); 0: none
+    eval_accuracy_ci: tuple[float, float] | None = None
+    base_eval_accuracy_ci: tuple[float, float] | None = None
+    eval_accuracy_greedy_ci: tuple[float, float] | None = None
+    num_eval_duplicates_removed: int = 0  # eval rows identical to a training row, not scored
+    num_train_examples_too_long: int = 0  # longer than model.max_seq_length: left out of training
+    passes_over_data: float = 0.0  # times each training example was seen: steps × batch × accumulation / examples
+    notes: list[str] = []  # what the numbers do not say on their own, one sentence each
+
+    @property
+    def accuracy_line(self) -> str | None:
+        """Accuracy of both models with their intervals and the scored count, in one line (CLI, card); None when
+        not measured."""
+        if self.eval_accuracy is None:
+            return None
+        scored = (f"{self.num_scored_examples} of {self.num_eval_examples} held-out examples (infer.max_eval_examples)"
+                  if self.num_scored_examples < self.num_eval_examples else f"{self.num_scored_examples} held-out examples")
+        return (f"{self.eval_accuracy:.3f} (95% CI {interval_text(self.eval_accuracy_ci)}) on {scored} "
+                f"(base model: {self.base_eval_accuracy:.3f}, 95% CI "
+                f"{interval_text(self.base_eval_accuracy_ci)}; {self.eval_scoring} scoring; greedy answers: "
+                f"{self.eval_accuracy_greedy:.3f})")
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+
+
+def interval_text(interval: tuple[float, float] | None) -> str:
+    return "–" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
+def run_notes(cfg: FinetuneConfig, prompts: Prompts, steps: int, scored: int, accuracy: float | None) -> list[str]:
+    """What a reader must know beside the numbers: the data's notes (rows left out or removed, no label set), each
+    example seen so often that it is memorised, and an accuracy on too few examples to mean much."""
+    notes = list(prompts.notes)
+    memorised = memorisation_note(cfg.train, len(prompts.train_prompts), steps)
+    if memorised:
+        notes.append(memorised)
+    if accuracy is not None and scored < FEW_SCORED:
+        low, high = accuracy_interval(accuracy, scored)
+        notes.append(
+            f"accuracy on {scored} scored examples is a rough guide: the fine-tuned model's {accuracy:.3f} could be "
+            f"anything from {low:.3f} to {high:.3f} (95% interval); score at least {FEW_SCORED} (more eval rows, "
+            "data.eval_uri, or infer.max_eval_examples) before comparing models"
+        )
+    return notes
 
 
 def smoke_answer_rows(inferred: InferResult) -> list[SmokeAnswer]:
@@ -134,6 +178,7 @@ def build_summary(
     """The summary of a run before its output is written; `store_uris` gives the loss curve's and the summary's
     places in the store (loraflow.outputs.run_record_uris)."""
     metrics = adapter.metrics
+    scored = len(inferred.scored_labels) if inferred.scores else 0
     return RunSummary(
         flow_run_id=run_id,
         backend=backend,
@@ -178,6 +223,14 @@ def build_summary(
         tracker_runs=runs_for_summary(metrics.tracker_runs, cfg.output.dir),
         summary_uri=store_uris["summary"],
         cached_tasks=cached_tasks + (["train"] if adapter.reused else []),
+        num_scored_examples=scored,
+        eval_accuracy_ci=accuracy_interval(inferred.accuracy, scored),
+        base_eval_accuracy_ci=accuracy_interval(inferred.base_accuracy, scored),
+        eval_accuracy_greedy_ci=accuracy_interval(inferred.greedy_accuracy, scored),
+        num_eval_duplicates_removed=prompts.num_eval_copies,
+        num_train_examples_too_long=prompts.num_too_long,
+        passes_over_data=round(passes_over_data(cfg.train, len(prompts.train_prompts), metrics.steps), 2),
+        notes=run_notes(cfg, prompts, metrics.steps, scored, inferred.accuracy),
     )
 
 

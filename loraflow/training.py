@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from loraflow.backends import LiveModel, attach_lora, backend_named, keep_trained, load_model, resolve_world_size
-from loraflow.batching import BatchLayout, batch_layout, packing_enabled
+from loraflow.batching import BatchLayout, batch_layout, memorisation_note, packing_enabled
 from loraflow.builders import build_sft_config
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.checkpoints import (
@@ -326,7 +326,11 @@ def published_adapter(spec: TrainSpec) -> AdapterRef | None:
 def plan_training(
     cfg: FinetuneConfig, backend: str, dataset: Dataset, eval_dataset: Dataset | None, prompts: Prompts
 ) -> TrainSpec:
-    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key)."""
+    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key). Warns,
+    with the numbers, when the plan shows each example so often that it will be memorised."""
+    memorised = memorisation_note(cfg.train, len(prompts.train_prompts))
+    if memorised:
+        run_logger().warning("train: %s", memorised)
     key = train_key(cfg, dataset.sha256, eval_dataset.sha256 if eval_dataset else None, backend)
     return TrainSpec(
         model=cfg.model, lora=cfg.lora, train=cfg.train, backend=backend, store_uri=cfg.output.store,

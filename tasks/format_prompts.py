@@ -16,5 +16,5 @@ def format_prompts_task(
     dataset: Dataset, eval_dataset: Dataset | None, prompt: PromptConfig, data: DataConfig, infer: InferSettings,
     model: ModelConfig,
 ) -> Prompts:
-    """Training texts (EOS appended), eval prompts with their answers, and the smoke-test prompts."""
-    return format_prompts(dataset, eval_dataset, prompt, data, infer, load_tokenizer(model.name, model.revision))
+    """Training texts (EOS appended), eval prompts with their answers, and the smoke-test prompts; bad data fails here."""
+    return format_prompts(dataset, eval_dataset, prompt, data, infer, load_tokenizer(model.name, model.revision), model)

@@ -45,11 +45,16 @@ def tokenizer(cfg: FinetuneConfig) -> Any:
     return load_tokenizer(cfg.model.name, None)
 
 
+# The two-turn conversation's turns with another last answer: the eval example renders to the same prompt as that
+# training conversation, and is no copy of it (eval rows identical to training rows are removed from the eval set).
+HELD_OUT = CONVERSATIONS[0][:-1] + [("assistant", "Roma")]
+
+
 def chat_prompts(tmp_path: Path, cfg: FinetuneConfig, tokenizer: Any, shape: Any) -> Prompts:
-    """Train on all three conversations; the two-turn one is also the eval example."""
+    """Train on all three conversations; the eval example asks what the two-turn one asks."""
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.json"
     train.write_text("".join(json.dumps(shape(c)) + "\n" for c in CONVERSATIONS))
-    held_out.write_text(json.dumps([shape(CONVERSATIONS[0])]))
+    held_out.write_text(json.dumps([shape(HELD_OUT)]))
     return format_prompts(read_dataset(str(train)), read_dataset(str(held_out)), cfg.prompt, cfg.data, cfg.infer, tokenizer)
 
 
@@ -66,7 +71,7 @@ def test_chat_records_render_with_the_chat_template(tmp_path: Path, cfg: Finetun
     assert prompts.train_prompts[1].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert prompts.train_completions[1] == "4<|im_end|>"
     example = prompts.eval_examples[0]
-    assert (example.prompt, example.answer, example.input) == (prompt, "Rome", "And of Italy?")
+    assert (example.prompt, example.answer, example.input) == (prompt, "Roma", "And of Italy?")
 
 
 def test_both_shapes_give_the_same_prompts(tmp_path: Path, cfg: FinetuneConfig, tokenizer: Any) -> None:
@@ -120,7 +125,10 @@ def test_flow_trains_on_a_chat_dataset_and_saves_the_merged_model(tmp_path: Path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_train_examples"] + summary["num_eval_examples"] == 90
+    # SmolLM2's chat template adds its system prompt: 9 training conversations are 145-164 tokens, over the tiny
+    # config's 128, and are left out and counted (TRL used to drop them without a word: their prompts fill 128)
+    assert summary["num_train_examples"] + summary["num_train_examples_too_long"] + summary["num_eval_examples"] == 90
+    assert summary["num_train_examples_too_long"] == 9
     assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"]
     assert summary["labels"] == ["中性", "消极", "积极"] and summary["eval_accuracy"] is not None
     assert {a["answer"] for a in summary["smoke_answers"]} <= {"中性", "消极", "积极"}

@@ -11,7 +11,9 @@ import torch
 from loraflow.config import FinetuneConfig, HubSettings, load_config
 from loraflow.errors import ConfigError, QualityGateError
 from loraflow.backends import LiveModel
-from loraflow.quality import check_gate_measurable, check_quality_gate, gate_failures, score_answers
+from loraflow.quality import (
+    accuracy_interval, check_gate_measurable, check_quality_gate, gate_failures, score_answers, wilson_interval,
+)
 from loraflow.prompts import closed_label_set
 from loraflow.hub import push_hub
 from tests.conftest import TINY_CONFIG, run_cli
@@ -74,6 +76,37 @@ def test_loraflow_run_with_a_gate_on_free_text_exits_2_before_any_model_loads(tm
 
 
 # --- scores and the gate's verdict -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("successes", "total", "low", "high"), [
+    # R. G. Newcombe, "Two-sided confidence intervals for the single proportion: comparison of seven methods",
+    # Statistics in Medicine 17 (1998) 857-872, Table II, method 3 (Wilson score interval, no continuity correction)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0000, 0.1611), (1, 29, 0.0061, 0.1718),
+    # by hand from Wilson's formula, z = 1.96: 1 of 2 -> 0.5 ± 0.6711 × sqrt(0.125 + 0.2401) = 0.5 ± 0.4055
+    (1, 2, 0.0945, 0.9055), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0),
+])
+def test_wilson_interval_matches_published_values(successes: int, total: int, low: float, high: float) -> None:
+    assert wilson_interval(successes, total) == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_edges() -> None:
+    assert wilson_interval(0, 0) is None and accuracy_interval(None, 5) is None and accuracy_interval(0.5, 0) is None
+    assert accuracy_interval(0.5, 2) == wilson_interval(1, 2)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    for total in (1, 7, 30, 1000):  # always inside 0..1, always holding the observed proportion
+        for successes in range(0, total + 1, max(1, total // 7)):
+            low, high = wilson_interval(successes, total)
+            assert 0.0 <= low <= successes / total <= high <= 1.0
+
+
+def test_one_label_is_no_label_set_and_the_gate_says_why() -> None:
+    from loraflow.prompts import why_no_label_set
+
+    one = [{"output": "positive"}] * 6
+    assert closed_label_set(one, one[:2]) is None
+    with pytest.raises(ConfigError, match="not a closed label set .every training output is 'positive': one label"):
+        check_gate_measurable(HubSettings(min_eval_accuracy=0.5), None, why_no_label_set(one, one[:2]))
 
 
 def test_scores_use_the_first_line_and_count_per_label() -> None:
