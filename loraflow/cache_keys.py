@@ -25,13 +25,18 @@ def library_versions() -> dict[str, str | None]:
 
 # How often checkpoints are written changes nothing that is trained, and a rerun with another interval should
 # still find the checkpoints and the adapter of the same training.
-NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit"}
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "timeout_seconds"}
 
 
-def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
-    """The adapter depends on: data, split, template, model (name, revision, precision), LoRA, training
-    settings (not the checkpoint interval), backend and library versions. Not on infer, output or hub settings."""
+def train_key(
+    cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str, parent: str | None = None
+) -> str:
+    """The adapter depends on: data, split, template, model (name, revision, precision), the adapter it starts from
+    (`parent`: its store key and digest, or Hub repo and commit; None = fresh), LoRA, training settings (not the
+    checkpoint interval or the timeout), backend and library versions. Not on infer, output, hub or promote settings."""
+    parts = [] if parent is None else [{"init_adapter": parent}]  # a fresh start keeps the keys of earlier versions
     return stable_hash(
+        *parts,
         data_sha256,
         eval_sha256,
         cfg.data.eval_fraction,
@@ -83,7 +88,7 @@ def prompts_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     )
 
 
-INFER_RESULT_VERSION = 3  # in smoke-infer's key: a result cached in another shape is never read back
+INFER_RESULT_VERSION = 4  # in smoke-infer's key: a result cached in another shape is never read back
 
 
 def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -93,7 +98,7 @@ def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         parameters["adapter"].digest,
         [(e.prompt, e.answer) for e in prompts.eval_examples + prompts.infer_prompts],
         prompts.labels,
-        parameters["infer"],
+        parameters["infer"].model_dump(mode="json", exclude={"timeout_seconds"}),
     )
 
 

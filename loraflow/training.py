@@ -30,6 +30,7 @@ from loraflow.checkpoints import checkpoint_sync_callback, fetch_latest_checkpoi
 from loraflow.config import FinetuneConfig, LoraSettings, ModelConfig, TrainSettings
 from loraflow.data import Dataset
 from loraflow.errors import TrainingOutOfMemoryError
+from loraflow.lineage import ParentAdapter, resolve_init_adapter
 from loraflow.logs import run_logger
 from loraflow.progress import train_progress_callback
 from loraflow.prompts import Prompts, load_prompts, prompts_key
@@ -50,6 +51,7 @@ class TrainSpec(BaseModel):
     prompts_key: str  # the prompt set in the store (loraflow.prompts.store_prompts)
     adapter_key: str  # where the adapter is published: adapters/<train cache key>
     checkpoints_prefix: str | None = None  # where checkpoints go; None: none stored, none resumed (benchmarks)
+    init_adapter: ParentAdapter | None = None  # the adapter LoRA starts from (model.init_adapter); None = fresh
 
 
 @dataclass
@@ -93,6 +95,7 @@ class AdapterRef:
     digest: str  # of its manifest: changes whenever any of its bytes do
     metrics: TrainMetrics
     reused: bool = False  # True: an earlier run with the same inputs trained it; this run trained nothing
+    parent: ParentAdapter | None = None  # the adapter its training started from (lineage); None = fresh
 
 
 def log_plan(train: TrainSettings, lengths: list[int], layout: BatchLayout, packing: bool) -> None:
@@ -197,7 +200,8 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
         metrics.tokens_per_second, metrics.steady_tokens_per_second, metrics.peak_memory_bytes / 2**30, uri,
     )
     keep_trained(spec.adapter_key, live)
-    return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics)
+    return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics,
+                      parent=spec.init_adapter)
 
 
 def train_or_explain_oom(trainer: Any, spec: TrainSpec, resume_from: str | None) -> Any:
@@ -223,24 +227,29 @@ def published_adapter(spec: TrainSpec) -> AdapterRef | None:
     fields = json.loads(store.read_file(spec.adapter_key, METRICS_FILE))
     fields["losses"] = [tuple(pair) for pair in fields["losses"]]
     return AdapterRef(spec.store_uri, spec.adapter_key, store.uri_of(spec.adapter_key), store.digest(spec.adapter_key),
-                      TrainMetrics(**fields), reused=True)
+                      TrainMetrics(**fields), reused=True, parent=spec.init_adapter)
 
 
 def plan_training(
     cfg: FinetuneConfig, backend: str, dataset: Dataset, eval_dataset: Dataset | None, prompts: Prompts
 ) -> TrainSpec:
-    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key)."""
-    key = train_key(cfg, dataset.sha256, eval_dataset.sha256 if eval_dataset else None, backend)
+    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key), the
+    adapter it starts from (model.init_adapter, resolved now to a pinned store digest or Hub commit) included."""
+    parent = resolve_init_adapter(cfg)
+    key = train_key(cfg, dataset.sha256, eval_dataset.sha256 if eval_dataset else None, backend,
+                    parent.identity if parent else None)
     return TrainSpec(
         model=cfg.model, lora=cfg.lora, train=cfg.train, backend=backend, store_uri=cfg.output.store,
         prompts_key=prompts_key(prompts), adapter_key=adapter_key(key), checkpoints_prefix=checkpoints_prefix(key),
+        init_adapter=parent,
     )
 
 
 def run_spec(spec: TrainSpec) -> AdapterRef:
     """A whole training from the spec alone: load the base model, attach LoRA, read the prompts, train, publish."""
     store = open_store(spec.store_uri)
-    live = attach_lora(load_model(spec.model, spec.backend), spec.lora, spec.model.max_seq_length, spec.train.seed)
+    live = attach_lora(load_model(spec.model, spec.backend), spec.lora, spec.model.max_seq_length, spec.train.seed,
+                       spec.init_adapter)
     return train_adapter(live, load_prompts(store, spec.prompts_key), spec)
 
 
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
     backend_named(spec.backend)  # Unsloth, where it is the backend, before anything loads transformers
     adapter = run_spec(spec)
-    print(json.dumps(asdict(adapter)))
+    print(json.dumps(asdict(adapter), default=lambda value: value.model_dump(mode="json")))  # the parent: pydantic
     return 0
 
 
