@@ -268,7 +268,8 @@ def event_payload(promotion: Promotion, summary: Any) -> dict[str, Any]:
     return {
         "line": promotion.line, "alias": promotion.alias, "decision": promotion.decision, "reason": promotion.reason,
         "challenger_key": promotion.challenger_key, "champion_key": promotion.champion_key,
-        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in promotion.scores().items()},
+        **{k: (float(f"{v:.4g}") if k == "p_value" else round(v, 4)) if isinstance(v, float) else v
+           for k, v in promotion.scores().items()},  # accuracies to 4 places, p to 4 significant figures
         "flow_run_id": summary.flow_run_id, "run_url": summary.run_url, "dataset_uri": summary.dataset_uri,
         "eval_source": promotion.eval_source,
     }

@@ -46,6 +46,11 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """A p-value to `digits` significant figures (rounding 1.8e-12 to 4 places would show 0)."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def metrics_table(summary: RunSummary) -> list[dict[str, Any]]:
     """Rows of metric / value, in the order a reader checks them."""
     peak = summary.peak_memory_bytes
@@ -77,7 +82,7 @@ def promotion_rows(promotion: Promotion | None) -> list[dict[str, Any]]:
         {"metric": "eval accuracy, challenger (promotion)", "value": rounded(promotion.challenger_accuracy)},
         {"metric": "eval accuracy, champion (same examples)", "value": rounded(promotion.champion_accuracy)},
         {"metric": "paired test", "value": test.name if test else None},
-        {"metric": "paired test p-value", "value": rounded(test.p_value) if test else None},
+        {"metric": "paired test p-value", "value": significant(test.p_value) if test else None},
         {"metric": "discordant pairs (challenger-only right / champion-only right)",
          "value": f"{test.challenger_only} / {test.champion_only} of {test.n}" if test else None},
     ]
@@ -221,12 +226,18 @@ def line_history_png(record: LineAliases, alias: str) -> bytes:
     figure = Figure(figsize=(6.4, 3.6), dpi=100, layout="tight")
     axes = figure.subplots()
     xs = list(range(len(points)))
-    axes.step(xs, [p["champion_after"] for p in points], where="post", color="tab:blue", linewidth=1.5,
-              label=f"champion ({alias})")
+    champion = [p["champion_after"] for p in points]
+    if points:  # the champion after each run, held until the next (and a little past the last)
+        axes.step(xs + [xs[-1] + 0.5], champion + champion[-1:], where="post", color="tab:blue", linewidth=1.5,
+                  label=f"champion ({alias}) after the run")
     for decision, color in (("promoted", "tab:green"), ("refused", "tab:red")):
         chosen = [(x, p["challenger"]) for x, p in zip(xs, points) if p["decision"] == decision and p["challenger"] is not None]
         if chosen:
             axes.scatter(*zip(*chosen), color=color, zorder=3, label=f"challenger, {decision}")
+    for x, p in zip(xs, points):
+        if p["challenger"] is not None:
+            axes.annotate(f"{p['challenger']:.3f}", (x, p["challenger"]), textcoords="offset points", xytext=(6, -12),
+                          fontsize=8)
     axes.set_xticks(xs, [when(p["at"])[5:] for p in points], rotation=30, ha="right", fontsize=8)
     axes.set(ylabel="eval accuracy", title=f"{record.line}: accuracy by run (UTC)", ylim=(0, 1.05))
     axes.grid(alpha=0.3)
@@ -240,7 +251,7 @@ def line_table(record: LineAliases, alias: str) -> list[dict[str, Any]]:
     """Rows of the line's history by run: date, run, challenger and champion accuracy, p-value, decision."""
     return [{"date (UTC)": when(p["at"]), "flow run": p["run"], "adapter": p["adapter"],
              "challenger accuracy": rounded(p["challenger"]), "champion accuracy": rounded(p["champion_before"]),
-             "p-value": rounded(p["p_value"]), "decision": p["decision"]} for p in line_points(record, alias)]
+             "p-value": significant(p["p_value"]), "decision": p["decision"]} for p in line_points(record, alias)]
 
 
 def line_markdown(record: LineAliases, alias: str) -> str:
@@ -256,7 +267,7 @@ def line_markdown(record: LineAliases, alias: str) -> str:
         scores = entry.scores
         lines.append(f"| {when(entry.at)} | {entry.alias} | `{entry.adapter_key}` | {cell(entry.decision)} "
                      f"| {cell(rounded(scores.get('challenger_accuracy')))} | {cell(rounded(scores.get('champion_accuracy')))} "
-                     f"| {cell(rounded(scores.get('p_value')))} | {cell(entry.reason)} |")
+                     f"| {cell(significant(scores.get('p_value')))} | {cell(entry.reason)} |")
     return "\n".join(lines) + "\n"
 
 
