@@ -2,7 +2,7 @@
 adapter beside it on the same base weights (PEFT load_adapter + set_adapter), or load the base model and the
 champion afresh. Both give the same labels (tests/test_promotion.py); this measures time and memory.
 
-    python bench/champion_scoring.py [--model loraflow:smollm2-135m-instruct] [--examples 64]
+    python bench/champion_scoring.py [--model loraflow:smollm2-135m-instruct] [--examples 32] [--repeats 2]
 
 Two adapters with random (non-zero) lora_B on the model, in a temporary store; the eval examples are the demo data's
 prompts with its three labels, scored by likelihood as smoke-infer scores them. Prints one line per way.
@@ -37,7 +37,8 @@ def rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="loraflow:smollm2-135m-instruct")
-    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     cfg = load_config(ROOT / "deployments" / "configs" / "tiny-cpu.yaml", [{"model": {"name": args.model}}])
     rows = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text())[: args.examples]
@@ -61,19 +62,26 @@ def main() -> None:
         challenger = load_adapter(cfg.model, "transformers", store.uri, "adapters/challenger")
         challenger.model.eval()
         example_labels(challenger, examples, labels, cfg.infer)  # warm up
-        before, started = rss_mib(), time.perf_counter()
-        beside = champion_on_live(challenger, store, "adapters/champion", examples, labels, cfg)
-        print(f"beside the challenger (second adapter, same base): {time.perf_counter() - started:.2f} s, "
-              f"+{rss_mib() - before:.0f} MiB RSS")
-        before, started = rss_mib(), time.perf_counter()
-        fresh = load_adapter(cfg.model, "transformers", store.uri, "adapters/champion")
-        fresh.model.eval()
-        loaded = time.perf_counter() - started
-        alone = example_labels(fresh, examples, labels, cfg.infer)
-        print(f"base + champion loaded afresh: {time.perf_counter() - started:.2f} s ({loaded:.2f} s of it loading), "
-              f"+{rss_mib() - before:.0f} MiB RSS; same labels: {beside == alone}; {len(examples)} examples, "
-              f"model {args.model}")
-
+        timings: dict[str, list[float]] = {"beside": [], "fresh": [], "fresh_load": []}
+        for _ in range(args.repeats):  # alternated, so a busy machine slows both ways alike
+            before, started = rss_mib(), time.perf_counter()
+            beside = champion_on_live(challenger, store, "adapters/champion", examples, labels, cfg)
+            timings["beside"].append(time.perf_counter() - started)
+            beside_rss = rss_mib() - before
+            before, started = rss_mib(), time.perf_counter()
+            fresh = load_adapter(cfg.model, "transformers", store.uri, "adapters/champion")
+            fresh.model.eval()
+            timings["fresh_load"].append(time.perf_counter() - started)
+            alone = example_labels(fresh, examples, labels, cfg.infer)
+            timings["fresh"].append(time.perf_counter() - started)
+            fresh_rss = rss_mib() - before
+            del fresh
+            gc.collect()
+        print(f"{args.model}, {len(examples)} examples x {len(labels)} labels, likelihood scoring, best of {args.repeats}:")
+        print(f"  champion beside the challenger (second adapter, same base): {min(timings['beside']):.2f} s, "
+              f"+{beside_rss:.0f} MiB RSS")
+        print(f"  base + champion loaded afresh: {min(timings['fresh']):.2f} s ({min(timings['fresh_load']):.2f} s "
+              f"of it loading), +{fresh_rss:.0f} MiB RSS; same labels: {beside == alone}")
 
 if __name__ == "__main__":
     main()

@@ -241,7 +241,7 @@ class S3Store:
 
             from loraflow.logs import run_logger
 
-            probe = f"aliases/.conditional-write-probe-{uuid.uuid4().hex}"
+            probe = f"probes/conditional-write-{uuid.uuid4().hex}"  # not under aliases/: readers there see lines only
             self.put_if_match(probe, b"1", None)
             honoured = not self.put_if_match(probe, b"2", None)
             with self.explained(f"delete {probe}"):

@@ -79,9 +79,10 @@ def list_local_folder(folder: str) -> list[DataObject]:
 
 
 def list_s3_folder(uri: str) -> list[DataObject]:
-    from botocore.exceptions import ClientError, EndpointConnectionError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     from loraflow.s3 import s3_client, split_s3_uri
+    from loraflow.s3_store import CREDENTIAL_ERRORS
 
     bucket, prefix = split_s3_uri(uri)
     client = s3_client()
@@ -96,9 +97,15 @@ def list_s3_folder(uri: str) -> list[DataObject]:
                                         last_modified=item["LastModified"].timestamp()))
     except EndpointConnectionError as exc:
         raise ConnectionError(f"{uri}: cannot reach S3 endpoint {client.meta.endpoint_url}: {exc}") from None
+    except NoCredentialsError:
+        raise DatasetError(f"{uri}: no AWS credentials to list it: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                           "or LORAFLOW_AWS_CREDENTIALS_BLOCK") from None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code"))
         if code == "NoSuchBucket":
             raise DatasetError(f"{uri}: no such bucket {bucket!r} at S3 endpoint {client.meta.endpoint_url}") from None
+        if code in CREDENTIAL_ERRORS:
+            raise DatasetError(f"{uri}: S3 endpoint {client.meta.endpoint_url} refused to list it ({code}); check "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
         raise
     return found
