@@ -80,6 +80,7 @@ class LineAliases(BaseModel):
 
 
 def aliases_key(line: str) -> str:
+    """The store key of a line's record: `aliases/<line>.json`."""
     return f"{ALIASES_PREFIX}/{line}.json"
 
 

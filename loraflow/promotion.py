@@ -128,6 +128,7 @@ def decide(
 
 
 def correct(labels: list[str | None], expected: list[str]) -> list[bool]:
+    """Per example, whether the label it counted as is the expected answer (same order, same length)."""
     return [label == answer for label, answer in zip(labels, expected)]
 
 
@@ -255,6 +256,7 @@ def record_decision(store: Store, record: LineAliases, promotion: Promotion, sum
 
 
 def history_details(promotion: Promotion, summary: Any) -> dict[str, Any]:
+    """The history entry's `details`: the champion compared against, the eval set, the data, the parent, the run."""
     return {
         "champion_key": promotion.champion_key, "eval_source": promotion.eval_source,
         "dataset_uri": summary.dataset_uri, "dataset_sha256": summary.dataset_sha256,

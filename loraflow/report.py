@@ -196,6 +196,7 @@ def slug(name: str) -> str:
 
 
 def when(epoch: float) -> str:
+    """Epoch seconds as `YYYY-MM-DD HH:MM` in UTC."""
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(epoch))
 
 

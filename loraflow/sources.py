@@ -70,6 +70,8 @@ def describe_object(uri: str) -> DataObject:
 
 
 def list_local_folder(folder: str) -> list[DataObject]:
+    """Every data file under a local directory (any depth; hidden files left out), with its mtime.
+    Raises DatasetError when the directory does not exist."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetError(no_such_file(folder))
@@ -79,6 +81,8 @@ def list_local_folder(folder: str) -> list[DataObject]:
 
 
 def list_s3_folder(uri: str) -> list[DataObject]:
+    """Every data object under an S3 prefix (any depth; hidden names left out), with its ETag and LastModified.
+    Raises DatasetError (no bucket, no or refused credentials), ConnectionError (endpoint unreachable)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     from loraflow.s3 import s3_client, split_s3_uri
