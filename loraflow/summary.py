@@ -131,11 +131,13 @@ def link_to(uri: str) -> str:
 
 
 def flow_run_url() -> str | None:
-    """The current flow run in the Prefect UI (PREFECT_UI_URL, else derived from the API URL); None outside a run."""
+    """The current flow run in the Prefect UI (PREFECT_UI_URL, else derived from the API URL), the link the server's
+    automations render too (`.../runs/flow-run/<id>`); None outside a run or when no UI URL is known."""
     from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
 
-    url = flow_run.ui_url
-    return url if url and url.startswith("http") else None  # no UI URL known (Prefect formats a None into it)
+    run_id = flow_run.get_id()
+    return url_for("flow-run", obj_id=run_id) if run_id else None
 
 
 def build_summary(
