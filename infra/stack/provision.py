@@ -74,10 +74,20 @@ def create_alerts(url: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--bucket", help="the stack's bucket (created if missing), and the S3 blocks for it")
     parser.add_argument("--alerts-url", default=os.environ.get("LORAFLOW_ALERTS_URL"),
                         help="where alerts are POSTed (default $LORAFLOW_ALERTS_URL); none: no alert automations")
+    parser.add_argument("--alerts-only", action="store_true",
+                        help="only the alerts block and automations (a server whose bucket and blocks exist)")
     args = parser.parse_args()
+    if args.alerts_only:
+        if not args.alerts_url:
+            parser.error("--alerts-only needs --alerts-url (or LORAFLOW_ALERTS_URL)")
+        names = create_alerts(args.alerts_url)
+        print(f"  alerts: block {ALERTS_BLOCK} -> {args.alerts_url}; automations: {', '.join(names)}")
+        return
+    if not args.bucket:
+        parser.error("--bucket is required (or --alerts-only)")
     s3 = boto3.client("s3")  # AWS_ENDPOINT_URL and the keys come from the environment
     try:
         s3.head_bucket(Bucket=args.bucket)
