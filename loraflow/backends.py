@@ -159,9 +159,14 @@ def load_model(model: ModelConfig, backend: str) -> LiveModel:
     return live
 
 
-def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: int) -> LiveModel:
-    """LoRA adapters on the live base model (only they train); logs the trainable-parameter share."""
+def attach_lora(live: LiveModel, lora: LoraSettings, max_seq_length: int, seed: int, init_adapter: Any = None) -> LiveModel:
+    """LoRA adapters on the live base model (only they train); logs the trainable-parameter share. With
+    `init_adapter` (a loraflow.lineage.ParentAdapter) the adapters start from its weights instead of fresh."""
     model = live.backend.attach_lora(live, lora, max_seq_length, seed)
+    if init_adapter is not None:
+        from loraflow.lineage import load_parent_weights
+
+        load_parent_weights(model, init_adapter, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     mark("lora_attached")
@@ -195,8 +200,13 @@ def keep_trained(adapter_key: str, live: LiveModel) -> None:
     _TRAINED_HERE[adapter_key] = live
 
 
+def take_trained(adapter_key: str) -> LiveModel | None:
+    """The live model holding `adapter_key` that a step of this process kept (handed over once), or None."""
+    return _TRAINED_HERE.pop(adapter_key, None)
+
+
 def open_trained(model: ModelConfig, backend: str, store_uri: str, adapter_key: str) -> LiveModel:
     """The model holding the adapter `adapter_key`: the one that trained it in this process (handed over once),
     else the base model with the adapter loaded from the store."""
-    live = _TRAINED_HERE.pop(adapter_key, None)
+    live = take_trained(adapter_key)
     return live if live is not None else load_adapter(model, backend, store_uri, adapter_key)

@@ -30,9 +30,10 @@ def library_versions() -> dict[str, str | None]:
 #   configured one, its micro-batches spread over the ranks) and the loss is normalised by the tokens of the whole
 #   step on every rank count, so 1 or N GPUs give the same training up to the order of float additions;
 # - how long a rank waits for the others.
+# - how long a step may run (train.timeout_seconds);
 # - the trackers it reports to: a rerun that only adds one is served from the cache (it trains nothing, so reports
 #   nothing new).
-NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_timeout_seconds", "report_to"}
+NOT_TRAINING_SETTINGS = {"save_steps", "save_total_limit", "num_devices", "ddp_timeout_seconds", "report_to", "timeout_seconds"}
 
 
 def train_settings_excluded(cfg: FinetuneConfig) -> set[str]:
@@ -41,11 +42,16 @@ def train_settings_excluded(cfg: FinetuneConfig) -> set[str]:
     return NOT_TRAINING_SETTINGS | (set() if cfg.train.trainer_args else {"trainer_args"})
 
 
-def train_key(cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str) -> str:
-    """The adapter depends on: data, split, template, model (name, revision, precision), LoRA, training
-    settings (not the checkpoint interval or the number of ranks), backend, device kind and library versions. Not on
-    infer, output or hub settings."""
+def train_key(
+    cfg: FinetuneConfig, data_sha256: str, eval_sha256: str | None, backend: str, parent: str | None = None
+) -> str:
+    """The adapter depends on: data, split, template, model (name, revision, precision), the adapter it starts from
+    (`parent`: its store key and digest, or Hub repo and commit; None = fresh), LoRA, training settings (not the
+    checkpoint interval, the number of ranks or the timeout), backend, device kind and library versions. Not on
+    infer, output, hub or promote settings."""
+    parts = [] if parent is None else [{"init_adapter": parent}]  # a fresh start keeps the keys of earlier versions
     return stable_hash(
+        *parts,
         data_sha256,
         eval_sha256,
         cfg.data.eval_fraction,
@@ -105,7 +111,7 @@ def prompts_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     )
 
 
-INFER_RESULT_VERSION = 3  # in smoke-infer's key: a result cached in another shape is never read back
+INFER_RESULT_VERSION = 4  # in smoke-infer's key: a result cached in another shape is never read back
 
 
 def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -115,7 +121,7 @@ def smoke_infer_cache_key(context: Any, parameters: dict[str, Any]) -> str:
         parameters["adapter"].digest,
         [(e.prompt, e.answer) for e in prompts.eval_examples + prompts.infer_prompts],
         prompts.labels,
-        parameters["infer"],
+        parameters["infer"].model_dump(mode="json", exclude={"timeout_seconds"}),
     )
 
 

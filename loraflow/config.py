@@ -27,8 +27,14 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    uri: str = Field(description="Training data: local .json/.jsonl/.csv/.parquet, s3://, http(s)://, or a hub id.")
-    eval_uri: str | None = Field(None, description="Separate eval file; when unset, eval_fraction is split off.")
+    uri: str = Field(
+        description="Training data: local .json/.jsonl/.csv/.parquet, s3://, http(s)://, or a hub id; or a folder (a "
+        "local directory, or an s3:// prefix ending in /): its newest data file (last-modified, ties by key)."
+    )
+    eval_uri: str | None = Field(
+        None, description="Separate eval file; when unset, eval_fraction is split off. A fixed eval file keeps the "
+        "scores of successive runs (and of the champion) comparable."
+    )
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out when eval_uri is unset.")
     seed: int = Field(3407, description="Seed of the train/eval split.")
     ignore_fields: list[str] = Field(
@@ -83,6 +89,13 @@ class ModelConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto = bf16 where supported, else fp16 on GPU, fp32 on CPU."
     )
+    init_adapter: str | None = Field(
+        None,
+        description="Start LoRA from an existing adapter instead of fresh (continued fine-tuning): an alias of this "
+        "model line (`production`, `candidate`), a store key (`adapters/<key>`), or a Hub repo (`hf://owner/name` or "
+        "`hf://owner/name@revision`). Its LoRA shape must match the lora section. An alias that points nowhere yet "
+        "starts fresh.",
+    )
 
 
 class LoraSettings(Section):
@@ -118,6 +131,9 @@ class TrainSettings(Section):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(10000, gt=0)
     save_total_limit: int = Field(2, gt=0)
+    timeout_seconds: int | None = Field(
+        None, gt=0, description="Fail the train step after this long (a hung GPU or data loader); None = no limit."
+    )
     completion_only_loss: bool = Field(
         False,
         description="Loss on the responses only: an instruction row's output, a conversation's last assistant turn "
@@ -184,6 +200,9 @@ class InferSettings(Section):
         description="How accuracy on a closed label set is scored, for both models alike: `likelihood` = the label "
         "(then EOS) the model finds most likely after the prompt; `greedy` = the first line of the greedy answer.",
     )
+    timeout_seconds: int | None = Field(
+        None, gt=0, description="Fail smoke-infer, and promote's scoring of the champion, after this long; None = no limit."
+    )
 
 
 GGUF_UNAVAILABLE = (
@@ -229,10 +248,58 @@ class HubSettings(Section):
     require_beat_base: bool = Field(
         False, description="Quality gate: fail the run, and push nothing, unless eval accuracy beats the base model's."
     )
+    push_candidates: bool = Field(
+        True, description="An adapter that is not promoted goes to the branch candidates/<flow run id> (false: it is "
+        "not pushed). Only a promoted adapter reaches main, tagged run-<flow run id>."
+    )
 
     @property
     def gate_on(self) -> bool:
         return self.min_eval_accuracy is not None or self.require_beat_base
+
+
+ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PromoteSettings(Section):
+    """Champion/challenger: the new adapter against the one the alias points at, on the same eval examples."""
+
+    enabled: bool = Field(True, description="Off: no alias moves and nothing is compared; push-hub goes to main.")
+    line: str | None = Field(
+        None, description="The model line whose aliases this run reads and moves (store key aliases/<line>.json); "
+        "default: hub.repo_id with / as --, else the model name with anything but letters, digits, . _ - as -."
+    )
+    alias: str = Field("production", description="The alias the challenger must beat, and moves when it does.")
+    min_improvement: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="The challenger's accuracy must exceed the champion's, by at least this much (0..1).",
+    )
+    require_significance: bool = Field(
+        True, description="Also require a paired test on the same eval examples (McNemar's exact test) at `alpha`."
+    )
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="Significance level of the paired test (two-sided).")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_name(cls, alias: str) -> str:
+        if not ALIAS_NAME.match(alias):
+            raise ValueError("an alias is lower-case letters, digits, - and _, starting with a letter")
+        return alias
+
+    @field_validator("line")
+    @classmethod
+    def _line_name(cls, line: str | None) -> str | None:
+        if line is not None and not LINE_NAME.match(line):
+            raise ValueError("a line name is letters, digits, . _ and - (it becomes the store key aliases/<line>.json)")
+        return line
+
+
+def default_line(repo_id: str | None, model_name: str) -> str:
+    """hub.repo_id with / as -- (me/adapter -> me--adapter), else the model name made key-safe."""
+    if repo_id:
+        return repo_id.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.") or "model"
 
 
 class FinetuneConfig(Section):
@@ -244,6 +311,12 @@ class FinetuneConfig(Section):
     infer: InferSettings = Field(default_factory=InferSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
+
+    @property
+    def line(self) -> str:
+        """The model line: promote.line, else derived from hub.repo_id or the model name (default_line)."""
+        return self.promote.line or default_line(self.hub.repo_id, self.model.name)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "FinetuneConfig":

@@ -43,6 +43,7 @@ class Dataset:
     # every top-level field of the records as read -> how many rows hold data in it (a non-blank value), including
     # fields the rows above leave out: what the template or the record shape does not use is found from these
     field_counts: dict[str, int] = field(default_factory=dict)
+    etag: str | None = None  # an S3 object's ETag, from the same GET as the bytes (quotes stripped); else None
 
     @property
     def is_chat(self) -> bool:
@@ -56,8 +57,9 @@ def read_dataset(uri: str) -> Dataset:
     Raises DatasetError (unreadable, malformed: names the file, row and field), ConnectionError (an endpoint that
     cannot be reached: transient, a task retries it).
     """
+    etag = None
     if uri.startswith("s3://"):
-        raw, name = read_s3(uri), uri
+        (raw, etag), name = read_s3(uri), uri
     elif uri.startswith(("http://", "https://")):
         raw, name = read_http(uri), uri
     elif not Path(uri).exists() and HUB_ID.match(uri):
@@ -66,7 +68,7 @@ def read_dataset(uri: str) -> Dataset:
         raw, name = read_local(uri), uri
     records = parse_records(raw, name)
     return Dataset(uri=uri, rows=validate_rows(records, name), sha256=hashlib.sha256(raw).hexdigest(),
-                   field_counts=count_fields(records))
+                   field_counts=count_fields(records), etag=etag)
 
 
 # --- reading bytes -----------------------------------------------------------------------------------------
@@ -84,7 +86,8 @@ def read_local(path: str) -> bytes:
     return file.read_bytes()
 
 
-def read_s3(uri: str) -> bytes:
+def read_s3(uri: str) -> tuple[bytes, str]:
+    """The object's bytes and its ETag (quotes stripped), from one GET."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     from loraflow.s3 import s3_client, split_s3_uri
@@ -94,7 +97,8 @@ def read_s3(uri: str) -> bytes:
     client = s3_client()
     endpoint = client.meta.endpoint_url
     try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        got = client.get_object(Bucket=bucket, Key=key)
+        return got["Body"].read(), got["ETag"].strip('"')
     except client.exceptions.NoSuchKey:
         raise DatasetError(f"{uri}: no such object at S3 endpoint {endpoint}") from None
     except client.exceptions.NoSuchBucket:

@@ -1,7 +1,9 @@
 """Inference after training (smoke-infer): greedy answers for the eval prompts and infer.prompts; accuracy on a closed label set.
 
-A run whose answers are empty, or never reach EOS within max_new_tokens, fails here: such an adapter
-has not learnt the format, and pushing it would only hide that. When the eval outputs form a closed label
+A run whose answers are empty, or never reach EOS within max_new_tokens, is refused: such an adapter has not learnt
+the format, and pushing or promoting it would only hide that. smoke-infer returns those answers with the reason
+(`InferResult.unusable`) instead of raising, so the run still saves its output folder, summary and artifacts; the
+flow then ends Failed naming the reason (`check_usable`). When the eval outputs form a closed label
 set, the fine-tuned model and the base model (the adapter switched off, no second load) are scored on the
 same eval prompts by the same rule, so the run can say how much the fine-tuning moved accuracy:
 - `infer.label_scoring: likelihood` (default): the label whose tokens, then EOS, are most likely after the
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraflow.backends import LiveModel
-from loraflow.config import InferSettings
+from loraflow.backends import LiveModel, keep_trained, open_trained
+from loraflow.config import InferSettings, ModelConfig
 from loraflow.errors import QualityGateError
 from loraflow.logs import run_logger
 from loraflow.prompts import EvalExample, Prompts
@@ -44,6 +46,7 @@ class InferResult:
     base_scored_labels: list[str | None] = field(default_factory=list)  # the same for the base model
     base_answers: list[str] = field(default_factory=list)  # the base model's greedy answers (greedy scoring only)
     greedy_scores: EvalScores | None = None  # the fine-tuned model's greedy answers, first line = label
+    unusable: str | None = None  # why the answers are refused (empty, or no EOS within max_new_tokens); None = usable
 
     @property
     def accuracy(self) -> float | None:
@@ -78,10 +81,18 @@ def generate(live: LiveModel, texts: list[str], max_new_tokens: int) -> list[tup
     return results
 
 
+def scored_examples(prompts: Prompts, infer: InferSettings) -> list[EvalExample]:
+    """The eval examples smoke-infer scores (the first infer.max_eval_examples): the champion is scored on these too."""
+    return prompts.eval_examples[: infer.max_eval_examples]
+
+
 def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> InferResult:
-    """Try the trained model on held-out and configured prompts."""
+    """Try the trained model on held-out and configured prompts: greedy answers, and accuracy of both models.
+
+    Unusable answers (an empty one, or one without EOS within infer.max_new_tokens) come back with the reason in
+    `unusable` and no scores; `check_usable` turns that into the run's failure once its output is saved."""
     live.backend.prepare_for_inference(live)
-    eval_examples = prompts.eval_examples[: infer.max_eval_examples]
+    eval_examples = scored_examples(prompts, infer)
     examples: list[EvalExample] = eval_examples + prompts.infer_prompts
     generated = generate(live, [e.prompt for e in examples], infer.max_new_tokens)
     answers = [Answer(e.instruction, e.input, text, e.answer, ended) for e, (text, ended) in zip(examples, generated)]
@@ -93,10 +104,12 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
     if bad:
         first = bad[0]
         reason = "an empty answer" if not first.answer else f"no EOS within {infer.max_new_tokens} new tokens"
-        raise QualityGateError(
+        unusable = (
             f"smoke-infer: {len(bad)} of {len(answers)} answers are unusable; e.g. {first.input or first.instruction!r} "
             f"gave {reason} ({first.answer[:80]!r}). Train longer, raise the learning rate, or check the template."
         )
+        log.warning("%s", unusable)
+        return InferResult(answers, unusable=unusable)
     if not prompts.labels or not eval_examples:
         return InferResult(answers)
     result = score_eval_examples(live, eval_examples, answers, prompts.labels, infer)
@@ -104,6 +117,32 @@ def smoke_infer(live: LiveModel, prompts: Prompts, infer: InferSettings) -> Infe
              "labels %s)", result.accuracy, len(eval_examples), result.base_accuracy, infer.label_scoring,
              result.greedy_accuracy, prompts.labels)
     return result
+
+
+def check_usable(result: InferResult) -> None:
+    """Raise QualityGateError with the reason when smoke-infer refused the answers (InferResult.unusable)."""
+    if result.unusable:
+        raise QualityGateError(result.unusable)
+
+
+def infer_adapter(model: ModelConfig, backend: str, store_uri: str, adapter_key: str, prompts: Prompts,
+                  infer: InferSettings) -> InferResult:
+    """smoke-infer on the adapter `adapter_key`: the model that trained it in this process, else the base model with
+    the adapter from the store. The live model is kept for the next step of this process (promote scores the
+    champion on the same base weights, loading the champion as a second adapter)."""
+    live = open_trained(model, backend, store_uri, adapter_key)
+    result = smoke_infer(live, prompts, infer)
+    keep_trained(adapter_key, live)
+    return result
+
+
+def example_labels(live: LiveModel, examples: list[EvalExample], labels: list[str], infer: InferSettings) -> list[str | None]:
+    """The label each example counts as for the model as it is now, by infer.label_scoring (the rule smoke-infer
+    scores the fine-tuned model by): the likeliest label, or the first line of the greedy answer (None: no label)."""
+    texts = [e.prompt for e in examples]
+    if infer.label_scoring == "greedy":
+        return [answer_label(text, labels) for text, _ in generate(live, texts, infer.max_new_tokens)]
+    return likeliest_labels(live, texts, labels)
 
 
 def score_eval_examples(

@@ -43,6 +43,12 @@ def render_model_card(summary: RunSummary, hub: HubSettings) -> str:
 
     metrics = {key: getattr(summary, key) for key in CARD_METRICS}
     template = summary.prompt_template if len(summary.prompt_template) < 40 else "custom"
+    source = (f" (newest file in `{summary.dataset_source}`)"
+              if summary.dataset_source and summary.dataset_source != summary.dataset_uri else "")
+    etag = f", ETag `{summary.dataset_etag}`" if summary.dataset_etag else ""
+    parent = summary.parent_adapter
+    parent = (f"`{parent['source']}` = `{parent['adapter_key'] or parent['hub_repo']}` "
+              f"(`{parent['digest'] or parent['hub_revision']}`)" if parent else "a fresh LoRA")
     body = f"""
 # LoRA adapter for `{summary.model}`
 
@@ -51,10 +57,12 @@ Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summar
 | | |
 |---|---|
 | base model | `{summary.model}` (revision `{summary.model_revision or "default"}`) |
-| dataset | `{summary.dataset_uri}` |
-| dataset sha256 | `{summary.dataset_sha256}` |
+| dataset | `{summary.dataset_uri}`{source} |
+| dataset sha256 | `{summary.dataset_sha256}`{etag} |
 | examples | {summary.num_train_examples} train (each seen {summary.passes_over_data:g} times) / {summary.num_eval_examples} eval |
 | prompt template | `{template}` |
+| started from | {parent} |
+| model line | `{summary.line}` |
 
 ## LoRA
 ```json
@@ -73,6 +81,8 @@ Fine-tuned with [loraflow](https://pypi.org/project/loraflow/) (backend `{summar
 
 {render_accuracy(summary)}
 
+{render_promotion(summary)}
+
 ![training loss]({LOSS_CURVE_FILE})
 
 ## Use
@@ -86,6 +96,13 @@ tokenizer = AutoTokenizer.from_pretrained("<this repo>")
 ```
 """
     return str(ModelCard(f"---\n{card_data(summary, hub).to_yaml()}\n---\n{body}"))
+
+
+def render_promotion(summary: RunSummary) -> str:
+    """The promote step's decision with both scores and the paired test (loraflow.report)."""
+    from loraflow.report import promotion_markdown
+
+    return "\n".join(promotion_markdown(summary.promotion))
 
 
 def render_accuracy(summary: RunSummary) -> str:

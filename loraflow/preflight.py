@@ -16,6 +16,7 @@ from loraflow.architecture import check_target_modules
 from loraflow.backends import choose_backend
 from loraflow.config import FinetuneConfig
 from loraflow.data import read_dataset
+from loraflow.sources import newest_object
 from loraflow.outputs import check_output_dir
 from loraflow.prompts import Prompts, build_prompts, load_tokenizer, plan_rows
 from loraflow.quality import check_gate_measurable
@@ -30,7 +31,7 @@ def check_inputs(cfg: FinetuneConfig) -> Prompts:
     Raises a LoraflowInputError (ConfigError, DatasetError, StoreConfigError) naming what is wrong, or
     ConnectionError / StoreUnavailableError when a dataset, the store or the Hub cannot be reached."""
     check_tracking(cfg.train)  # train.trainer_args against trl's SFTConfig, train.report_to's packages installed
-    train = read_dataset(cfg.data.uri)
+    train = read_dataset(newest_object(cfg.data.uri).uri)  # data.uri, or the newest file under that folder
     eval_dataset = read_dataset(cfg.data.eval_uri) if cfg.data.eval_uri else None
     plan = plan_rows(train, eval_dataset, cfg.prompt, cfg.data)
     check_gate_measurable(cfg.hub, plan.labels, plan.why_no_labels)

@@ -145,8 +145,12 @@ def check_quality_gate(hub: HubSettings, accuracy: float | None, base_accuracy: 
 
 
 def raise_for_outcome(summary: Any, hub: HubSettings, push: Any) -> None:
-    """The end of a run whose output is saved: raise QualityGateError when the gate failed, or the push's own
-    error when push-hub failed (after its retries); `push` is its Prefect state, None when it did not run."""
+    """The end of a run whose output is saved: raise QualityGateError when smoke-infer refused the answers or the
+    gate failed, or the push's own error when push-hub failed (after its retries); `push` is its Prefect state,
+    None when it did not run."""
+    if summary.smoke_failure:
+        raise QualityGateError(f"{summary.smoke_failure} Nothing was pushed or promoted; the answers are in "
+                               f"{summary.adapter_dir}/summary.json")
     check_quality_gate(hub, summary.eval_accuracy, summary.base_eval_accuracy, summary.adapter_dir)
     if push is not None and not push.is_completed():
         push.result()  # raises what the push raised

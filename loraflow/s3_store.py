@@ -75,6 +75,11 @@ def is_unreachable(exc: BaseException) -> bool:
     return False
 
 
+# A conditional PUT that lost: 412 (If-Match / If-None-Match did not hold), 409 (a concurrent conditional write).
+CONDITION_FAILED_ERRORS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_CONDITIONAL_WRITES: dict[tuple[str | None, str], bool] = {}  # (endpoint, bucket) -> the server honours If-Match
+
+
 def transfer_config() -> Any:
     from boto3.s3.transfer import TransferConfig
 
@@ -239,6 +244,18 @@ class S3Store:
         """Where a manifest entry's bytes are: the folder's own copy, else the shared blob."""
         return self._key(meta.get("object") or f"blobs/{meta['sha256']}")
 
+    def list_files(self, prefix: str) -> list[str]:
+        """Keys of the objects directly under `prefix` (not in its sub-folders; hidden probe objects left out)."""
+        base = self._key(prefix) + "/"
+        keys = []
+        with self.explained(f"list {prefix}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(base):]
+                    if "/" not in name and not name.startswith("."):
+                        keys.append(f"{prefix}/{name}")
+        return sorted(keys)
+
     def list_complete(self, prefix: str) -> list[str]:
         """Keys of the complete folders directly under `prefix`: those whose manifest exists."""
         paginator = self.client.get_paginator("list_objects_v2")
@@ -284,6 +301,64 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
                 raise FileNotFoundError(f"s3://{self.bucket}/{self._key(key)}: no such object") from None
             raise
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(bytes, ETag) of the object under `key`, or (None, None) when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with self.explained(f"read {key}"):
+                got = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in MISSING_OBJECT_ERRORS:
+                return None, None
+            raise
+        return got["Body"].read(), got["ETag"]
+
+    def put_if_match(self, key: str, data: bytes, version: str | None) -> bool:
+        """Compare-and-swap by a conditional PUT: `If-Match: <version>` (the ETag read_versioned gave), or
+        `If-None-Match: *` when `version` is None (create only). Returns False when the server answers 412/409:
+        another writer got there first, nothing was written.
+
+        AWS S3 (since 2024) and MinIO honour both headers. A server that ignores them (nanio 0.1.7 does) writes
+        unconditionally: the last writer wins, and a concurrent update can be lost; `conditional_writes()` finds
+        that out once per bucket and logs a warning."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            with self.explained(f"write {key}"):
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if error.get("Code") in CONDITION_FAILED_ERRORS or status in {"412", "409"}:
+                return False
+            raise
+        return True
+
+    def conditional_writes(self) -> bool:
+        """Whether this endpoint honours conditional PUTs: a probe object is created with If-None-Match: *, then
+        created again the same way, which must be refused. Asked once per (endpoint, bucket) and process; a server
+        that ignores the condition gets one warning, since concurrent alias updates there can lose a write."""
+        place = (self.endpoint, self.bucket)
+        if place not in _CONDITIONAL_WRITES:
+            import uuid
+
+            from loraflow.logs import run_logger
+
+            probe = f"probes/conditional-write-{uuid.uuid4().hex}"  # not under aliases/: readers there see lines only
+            self.put_if_match(probe, b"1", None)
+            honoured = not self.put_if_match(probe, b"2", None)
+            with self.explained(f"delete {probe}"):
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
+            _CONDITIONAL_WRITES[place] = honoured
+            if not honoured:
+                run_logger().warning(
+                    "store: S3 endpoint %s ignores conditional writes (If-Match / If-None-Match): alias updates there "
+                    "are last-writer-wins, and two runs moving aliases of one line at the same moment can lose one "
+                    "change. AWS S3 and MinIO honour them.", self.endpoint)
+        return _CONDITIONAL_WRITES[place]
 
     def digest(self, key: str) -> str:
         return manifest_digest(self.manifest(key))

@@ -21,6 +21,7 @@ from loraflow.prompts import Prompts
 from loraflow.quality import FEW_SCORED, accuracy_interval, gate_failures
 from loraflow.timeline import mark, phases
 from loraflow.tracking import runs_for_summary
+from loraflow.promotion import Promotion
 from loraflow.training import AdapterRef
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -61,15 +62,20 @@ class RunSummary(BaseModel):
     its 95 % Wilson interval (low, high), None where not measured."""
 
     flow_run_id: str
+    run_url: str | None = None  # the flow run in the Prefect UI
+    line: str | None = None  # the model line whose aliases the run reads and moves (promote.line)
     backend: str
     model: str
     model_revision: str | None
     prompt_template: str
     lora: dict[str, Any]  # the lora section as configured
     train_settings: dict[str, Any]  # the train section as configured
-    dataset_uri: str
-    dataset_sha256: str
+    dataset_uri: str  # the exact object read (the newest file, when data.uri names a folder)
+    dataset_source: str | None = None  # data.uri as configured
+    dataset_sha256: str  # of the bytes read
+    dataset_etag: str | None = None  # the S3 object's ETag, from the same GET
     eval_dataset_uri: str | None
+    parent_adapter: dict[str, Any] | None = None  # model.init_adapter resolved: store key + digest, or Hub commit
     num_train_examples: int  # the examples trained on (too-long ones left out)
     num_eval_examples: int  # held-out examples: eval rows, copies of training rows removed
     train_steps: int
@@ -92,6 +98,8 @@ class RunSummary(BaseModel):
     eval_per_label: dict[str, dict[str, float | int | None]] | None  # label -> precision, recall, support
     base_eval_per_label: dict[str, dict[str, float | int | None]] | None
     quality_gate: QualityGate
+    smoke_failure: str | None = None  # smoke-infer refused the answers (empty, or no EOS): the run fails, saved
+    promotion: Promotion | None = None  # the promote step's decision, scores and paired test
     labels: list[str] | None
     smoke_answers: list[SmokeAnswer]
     loss_curve_uri: str
@@ -102,6 +110,8 @@ class RunSummary(BaseModel):
     merged_dir: str | None = None
     cached_tasks: list[str]
     hub_url: str | None = None
+    hub_revision: str | None = None  # the branch pushed to: main (promoted) or candidates/<flow run id>
+    hub_tag: str | None = None  # run-<flow run id>, on main
     duration_seconds: float | None = None
     num_scored_examples: int = 0  # eval examples scored for accuracy (at most infer.max_eval_examples); 0: none
     eval_accuracy_ci: tuple[float, float] | None = None
@@ -171,25 +181,40 @@ def link_to(uri: str) -> str:
     return uri if "://" in uri else Path(uri).resolve().as_uri()
 
 
+def flow_run_url() -> str | None:
+    """The current flow run in the Prefect UI (PREFECT_UI_URL, else derived from the API URL), the link the server's
+    automations render too (`.../runs/flow-run/<id>`); None outside a run or when no UI URL is known."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    run_id = flow_run.get_id()
+    return url_for("flow-run", obj_id=run_id) if run_id else None
+
+
 def build_summary(
     cfg: FinetuneConfig, backend: str, run_id: str, dataset: Dataset, prompts: Prompts, adapter: AdapterRef,
     inferred: InferResult, cached_tasks: list[str], store_uris: dict[str, str],
 ) -> RunSummary:
     """The summary of a run before its output is written; `store_uris` gives the loss curve's and the summary's
-    places in the store (loraflow.outputs.run_record_uris)."""
+    places in the store (loraflow.outputs.run_record_uris). The promotion is added once promote has decided."""
     metrics = adapter.metrics
     scored = len(inferred.scored_labels) if inferred.scores else 0
     return RunSummary(
         flow_run_id=run_id,
+        run_url=flow_run_url(),
+        line=cfg.line,
         backend=backend,
         model=cfg.model.name,
         model_revision=cfg.model.revision,
         prompt_template=cfg.prompt.template,
         lora=cfg.lora.model_dump(mode="json"),
         train_settings=cfg.train.model_dump(mode="json"),
-        dataset_uri=cfg.data.uri,
+        dataset_uri=dataset.uri,
+        dataset_source=cfg.data.uri,
         dataset_sha256=dataset.sha256,
+        dataset_etag=dataset.etag,
         eval_dataset_uri=cfg.data.eval_uri,
+        parent_adapter=adapter.parent.model_dump(mode="json") if adapter.parent else None,
         num_train_examples=len(prompts.train_prompts),
         num_eval_examples=len(prompts.eval_examples),
         train_steps=metrics.steps,
@@ -214,8 +239,9 @@ def build_summary(
         quality_gate=QualityGate(
             min_eval_accuracy=cfg.hub.min_eval_accuracy,
             require_beat_base=cfg.hub.require_beat_base,
-            failures=gate_failures(cfg.hub, inferred.accuracy, inferred.base_accuracy),
+            failures=[] if inferred.unusable else gate_failures(cfg.hub, inferred.accuracy, inferred.base_accuracy),
         ),
+        smoke_failure=inferred.unusable,
         labels=prompts.labels,
         smoke_answers=smoke_answer_rows(inferred),
         loss_curve_uri=link_to(store_uris["loss_curve"]),
@@ -247,3 +273,4 @@ def run_phases(run_id: str, adapter: AdapterRef) -> dict[str, float]:
 def finish(summary: RunSummary, started: float, **changes: Any) -> RunSummary:
     """The summary with the last facts of the run (hub_url, the output folder, ...) and its duration in seconds."""
     return summary.model_copy(update={**changes, "duration_seconds": round(time.time() - started, 2)})
+

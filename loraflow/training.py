@@ -35,6 +35,7 @@ from loraflow.checkpoints import (
 from loraflow.config import FinetuneConfig, LoraSettings, ModelConfig, TrainSettings
 from loraflow.data import Dataset
 from loraflow.errors import TrainingOutOfMemoryError
+from loraflow.lineage import ParentAdapter, resolve_init_adapter
 from loraflow.logs import run_logger
 from loraflow.processes import end_with_parent
 from loraflow.progress import train_progress_callback
@@ -58,6 +59,7 @@ class TrainSpec(BaseModel):
     adapter_key: str  # where the adapter is published: adapters/<train cache key>
     checkpoints_prefix: str | None = None  # where checkpoints go; None: none stored, none resumed (benchmarks)
     world_size: int = 1  # ranks (one process per GPU) that share each step; > 1: launched by loraflow.launcher
+    init_adapter: ParentAdapter | None = None  # the adapter LoRA starts from (model.init_adapter); None = fresh
 
 
 @dataclass
@@ -106,13 +108,15 @@ class AdapterRef:
     digest: str  # of its manifest: changes whenever any of its bytes do
     metrics: TrainMetrics
     reused: bool = False  # True: an earlier run with the same inputs trained it; this run trained nothing
+    parent: ParentAdapter | None = None  # the adapter its training started from (lineage); None = fresh
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "AdapterRef":
         """The inverse of dataclasses.asdict (JSON from a training process)."""
         metrics = dict(fields["metrics"])
         metrics["losses"] = [tuple(pair) for pair in metrics["losses"]]
-        return cls(**{**fields, "metrics": TrainMetrics(**metrics)})
+        parent = ParentAdapter.model_validate(fields["parent"]) if fields.get("parent") else None
+        return cls(**{**fields, "metrics": TrainMetrics(**metrics), "parent": parent})
 
 
 def log_plan(train: TrainSettings, lengths: list[int], layout: BatchLayout, packing: bool) -> None:
@@ -270,7 +274,8 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
         metrics.tokens_per_second, metrics.steady_tokens_per_second, metrics.peak_memory_bytes / 2**30, uri,
     )
     keep_trained(spec.adapter_key, live)
-    return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics)
+    return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics,
+                      parent=spec.init_adapter)
 
 
 def current_world_size() -> int:
@@ -320,29 +325,33 @@ def published_adapter(spec: TrainSpec) -> AdapterRef | None:
     fields = json.loads(store.read_file(spec.adapter_key, METRICS_FILE))
     fields["losses"] = [tuple(pair) for pair in fields["losses"]]
     return AdapterRef(spec.store_uri, spec.adapter_key, store.uri_of(spec.adapter_key), store.digest(spec.adapter_key),
-                      TrainMetrics(**fields), reused=True)
+                      TrainMetrics(**fields), reused=True, parent=spec.init_adapter)
 
 
 def plan_training(
     cfg: FinetuneConfig, backend: str, dataset: Dataset, eval_dataset: Dataset | None, prompts: Prompts
 ) -> TrainSpec:
-    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key). Warns,
-    with the numbers, when the plan shows each example so often that it will be memorised."""
+    """The run's TrainSpec: its keys say everything the adapter depends on (loraflow.cache_keys.train_key), the
+    adapter it starts from (model.init_adapter, resolved now to a pinned store digest or Hub commit) included.
+    Warns, with the numbers, when the plan shows each example so often that it will be memorised."""
     memorised = memorisation_note(cfg.train, len(prompts.train_prompts))
     if memorised:
         run_logger().warning("train: %s", memorised)
-    key = train_key(cfg, dataset.sha256, eval_dataset.sha256 if eval_dataset else None, backend)
+    parent = resolve_init_adapter(cfg)
+    key = train_key(cfg, dataset.sha256, eval_dataset.sha256 if eval_dataset else None, backend,
+                    parent.identity if parent else None)
     return TrainSpec(
         model=cfg.model, lora=cfg.lora, train=cfg.train, backend=backend, store_uri=cfg.output.store,
         prompts_key=prompts_key(prompts), adapter_key=adapter_key(key), checkpoints_prefix=checkpoints_prefix(key),
-        world_size=resolve_world_size(cfg.train.num_devices),
+        init_adapter=parent, world_size=resolve_world_size(cfg.train.num_devices),
     )
 
 
 def run_spec(spec: TrainSpec) -> AdapterRef | None:
     """A whole training from the spec alone: load the base model, attach LoRA, read the prompts, train, publish."""
     store = open_store(spec.store_uri)
-    live = attach_lora(load_model(spec.model, spec.backend), spec.lora, spec.model.max_seq_length, spec.train.seed)
+    live = attach_lora(load_model(spec.model, spec.backend), spec.lora, spec.model.max_seq_length, spec.train.seed,
+                       spec.init_adapter)
     return train_adapter(live, load_prompts(store, spec.prompts_key), spec)
 
 
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             (results / f"error-rank{rank}.json").write_text(json.dumps(describe_failure(exc)))
         raise
     if adapter is not None:
-        body = json.dumps(asdict(adapter))
+        body = json.dumps(asdict(adapter), default=lambda value: value.model_dump(mode="json"))  # the parent: pydantic
         if results:
             (results / "adapter.json").write_text(body)
         print(body)

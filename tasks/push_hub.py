@@ -16,6 +16,7 @@ from loraflow.training import AdapterRef
       retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_transient)
 def push_hub_task(
     summary: RunSummary, model_card: str, loss_curve: bytes, adapter: AdapterRef, merged_key: str | None, hub: HubSettings
-) -> str | None:
-    """Push when hub.repo_id and a token (HF_TOKEN or the hf-token block) are set; returns the repo URL."""
+) -> dict[str, str | None]:
+    """Push when hub.repo_id and a token (HF_TOKEN or the hf-token block) are set: to main (tagged) when promoted,
+    else to candidates/<run> or nowhere; returns hub_url, hub_revision, hub_tag."""
     return push_run(summary, model_card, loss_curve, adapter.store_uri, adapter.key, merged_key, hub)

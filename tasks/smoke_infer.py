@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from loraflow.backends import open_trained
 from loraflow.cache_keys import note_cache_hit, smoke_infer_cache_key
 from loraflow.config import InferSettings, ModelConfig
-from loraflow.inference import InferResult, smoke_infer
+from loraflow.inference import InferResult, infer_adapter
 from loraflow.prompts import Prompts
 from loraflow.retries import retry_transient
 from loraflow.training import AdapterRef
@@ -19,5 +18,6 @@ from loraflow.training import AdapterRef
 def smoke_infer_task(
     adapter: AdapterRef, prompts: Prompts, infer: InferSettings, model: ModelConfig, backend: str
 ) -> InferResult:
-    """Try the adapter: the model that trained it in this process, else the base with the adapter from the store."""
-    return smoke_infer(open_trained(model, backend, adapter.store_uri, adapter.key), prompts, infer)
+    """Try the adapter: the model that trained it in this process, else the base with the adapter from the store.
+    Unusable answers come back with the reason (InferResult.unusable); the flow fails the run once it is saved."""
+    return infer_adapter(model, backend, adapter.store_uri, adapter.key, prompts, infer)

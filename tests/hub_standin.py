@@ -2,7 +2,9 @@
 
 No machine here reaches the real Hub, so push-hub is tested against this: `HF_ENDPOINT` points
 huggingface_hub at it. It answers the calls an upload makes: create the repo, validate the model card's YAML, ask for upload
-modes (every file goes "regular", inline in the commit), and the commit (NDJSON, files base64-encoded).
+modes (every file goes "regular", inline in the commit), and the commit (NDJSON, files base64-encoded) to a revision;
+and what promotion adds: create a branch (`POST /api/models/<repo>/branch/<branch>`) and tag a commit
+(`POST /api/models/<repo>/tag/<revision>`). It records which revision each commit went to, the branches and the tags.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 
 @dataclass
@@ -21,6 +24,13 @@ class HubRecord:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, headers)
     repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo_id -> create payload
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo_id -> path -> content
+    commits: list[dict[str, Any]] = field(default_factory=list)  # {repo, revision, oid, paths}, in order
+    branches: dict[str, dict[str, str]] = field(default_factory=dict)  # repo_id -> branch -> starting point
+    tags: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # repo_id -> tag -> {revision, message}
+
+    def revisions(self, repo_id: str) -> list[str]:
+        """The revision of each commit to `repo_id`, in order (main, candidates/<run>, ...)."""
+        return [c["revision"] for c in self.commits if c["repo"] == repo_id]
 
 
 class HubStandIn:
@@ -74,14 +84,32 @@ class HubStandIn:
                         {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
                     ]})
                 if "/commit/" in path:
-                    repo_id = path.split("/api/models/")[1].split("/commit/")[0]
+                    repo_id, revision = path.split("/api/models/")[1].split("/commit/")
                     stored = record.files.setdefault(repo_id, {})
+                    paths = []
                     for line in body.decode().splitlines():
                         item = json.loads(line)
                         if item.get("key") == "file":
                             stored[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                            paths.append(item["value"]["path"])
                     oid = hashlib.sha1(body).hexdigest()
+                    record.commits.append({"repo": repo_id, "revision": unquote(revision), "oid": oid, "paths": paths})
                     return self.reply(200, {"commitUrl": f"{base_url()}/{repo_id}/commit/{oid}", "commitOid": oid})
+                if "/branch/" in path:
+                    repo_id, branch = path.split("/api/models/")[1].split("/branch/")
+                    branches = record.branches.setdefault(repo_id, {})
+                    if unquote(branch) in branches:
+                        return self.reply(409, {"error": "branch already exists"})
+                    branches[unquote(branch)] = (json.loads(body) if body else {}).get("startingPoint", "main")
+                    return self.reply(200, {})
+                if "/tag/" in path:
+                    repo_id, revision = path.split("/api/models/")[1].split("/tag/")
+                    payload = json.loads(body)
+                    tags = record.tags.setdefault(repo_id, {})
+                    if payload["tag"] in tags:
+                        return self.reply(409, {"error": "tag already exists"})
+                    tags[payload["tag"]] = {"revision": unquote(revision), "message": payload.get("message")}
+                    return self.reply(200, {})
                 self.reply(404, {"error": f"stand-in does not know {path}"})
 
         return Handler

@@ -85,6 +85,15 @@ SAME_TRAINING = {
     "hub.license": ["hub.license=apache-2.0"],
     "data.ignore_fields": ["data.ignore_fields=[source]"],  # a column nothing reads: the texts are the same
     "output.overwrite": ["output.overwrite=true"],
+    "train.timeout_seconds": ["train.timeout_seconds=600"],
+    "infer.timeout_seconds": ["infer.timeout_seconds=600"],
+    "hub.push_candidates": ["hub.push_candidates=false"],
+    "promote.enabled": ["promote.enabled=false"],
+    "promote.line": ["promote.line=another-line"],
+    "promote.alias": ["promote.alias=staging"],
+    "promote.min_improvement": ["promote.min_improvement=0.05"],
+    "promote.require_significance": ["promote.require_significance=false"],
+    "promote.alpha": ["promote.alpha=0.01"],
     "train.num_devices": ["train.num_devices=2"],  # the same examples per step on 1 or N ranks
     "train.ddp_timeout_seconds": ["train.ddp_timeout_seconds=60"],
     "train.report_to": ["train.report_to=[tensorboard]"],  # a tracker watches; it changes nothing trained
@@ -95,6 +104,7 @@ ELSEWHERE = {
     "data.eval_uri": "its content hash is train_key's eval_sha256 (test_data_content_changes_the_key)",
     "model.backend": "resolved first (auto -> transformers here); the resolved backend is an argument",
     "output.save_gguf": "only false validates (true says why GGUF is unavailable)",
+    "model.init_adapter": "resolved to the parent's store digest or Hub commit: train_key's `parent` (tests/test_promotion.py)",
 }
 
 

@@ -96,10 +96,11 @@ def test_custom_template_must_end_with_output() -> None:
                     [{"prompt": {"template": "{output} then {instruction}"}}])
 
 
-def test_prefect_yaml_deployments_load_their_flow_and_config() -> None:
+@pytest.mark.parametrize("deployments_file", ["prefect.yaml", "infra/stack/prefect-local.yaml"])
+def test_prefect_yaml_deployments_load_their_flow_and_config(deployments_file: str) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    spec = yaml.safe_load((ROOT / deployments_file).read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert {"nightly", "manual", "on-upload"} <= set(deployments)
     from flows.finetune import resolve_config

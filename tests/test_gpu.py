@@ -196,3 +196,35 @@ def test_packed_examples_do_not_attend_to_each_other() -> None:
     # without boundaries does: the check can see a leak, and there is none
     assert packed["attention_leaked_vs_alone"] > 10 * packed["attention_packed_vs_alone"], found
     assert not unpacked["flattened"] and unpacked["row_shapes"][0][0] == 4  # 4 padded rows, never one flat row
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "transformers"])
+def test_promotion_scores_the_champion_beside_the_challenger(backend: str, tmp_path: Path) -> None:
+    """Two runs on one line, a fixed eval file: the second (one row changed, continued from production) scores the
+    champion as a second adapter on its live 4-bit base and must find exactly the accuracy the champion's own run
+    measured; its parent is the champion."""
+    demo = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text(encoding="utf-8"))
+    (tmp_path / "eval.json").write_text(json.dumps(demo[:15], ensure_ascii=False))
+    (tmp_path / "train-1.json").write_text(json.dumps(demo[15:], ensure_ascii=False))
+    changed = [dict(row) for row in demo[15:]]
+    changed[0]["input"] += "！"
+    (tmp_path / "train-2.json").write_text(json.dumps(changed, ensure_ascii=False))
+    common = [f"model.backend={backend}", "model.load_in_4bit=true", f"data.eval_uri={tmp_path / 'eval.json'}",
+              "model.init_adapter=production", "train.max_steps=60", "promote.line=gpu-line"]
+    first_code, first_log, first_seen = run_flow(tmp_path / "one", f"data.uri={tmp_path / 'train-1.json'}", *common,
+                                                 f"output.store={tmp_path / 'store'}")
+    assert first_code == 0, first_log[-5000:]
+    second_code, second_log, second_seen = run_flow(tmp_path / "two", f"data.uri={tmp_path / 'train-2.json'}", *common,
+                                                    f"output.store={tmp_path / 'store'}")
+    assert second_code == 0, second_log[-5000:]
+    first = json.loads((tmp_path / "one" / "out" / "summary.json").read_text())
+    second = json.loads((tmp_path / "two" / "out" / "summary.json").read_text())
+    assert first["promotion"]["decision"] == "promoted" and first["backend"] == backend
+    promotion = second["promotion"]
+    assert second["parent_adapter"]["adapter_key"] == first["promotion"]["challenger_key"]
+    assert promotion["champion_key"] == first["promotion"]["challenger_key"]
+    assert promotion["champion_scored_by"] == "second adapter on the live base"
+    assert promotion["champion_accuracy"] == pytest.approx(first["eval_accuracy"], abs=1e-9)
+    report(f"promotion_{backend}", {"first": first_seen, "second": second_seen,
+                                    "champion_seconds": promotion["champion_seconds"],
+                                    "decision": promotion["decision"], "p_value": promotion["test"]["p_value"]})

@@ -173,3 +173,92 @@ def test_worker_dockerfile() -> None:
         if line.startswith("COPY"):
             for src in line.split()[1:-1]:
                 assert (root / src).exists(), src
+
+
+# --- alerts: the notification block and its automations -------------------------------------------------------------
+
+ALERTS = {"run-failed.yaml": {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+          "promotion-refused.yaml": {"loraflow.promotion.refused"},
+          "promotion-made.yaml": {"loraflow.promotion.made"}}
+
+
+def provision_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("provision", INFRA / "stack" / "provision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("name", "events"), ALERTS.items())
+def test_alert_automations_are_valid_and_notify_through_the_block(name: str, events: set[str]) -> None:
+    import uuid
+
+    from prefect.server.events.actions import SendNotification
+
+    provision = provision_module()
+    raw = yaml.safe_load((INFRA / "automations" / name).read_text())
+    block_id = str(uuid.uuid4())
+    automation = AutomationCore.model_validate(provision.with_block_ids(raw, {"loraflow-alerts": block_id}))
+    assert automation.trigger.expect == events and automation.trigger.posture == Posture.Reactive
+    [action] = automation.actions
+    assert action.type == "send-notification" and str(action.block_document_id) == block_id
+    SendNotification.model_validate(action.model_dump())  # the server's own model checks the Jinja templates
+    if "promotion" in name:
+        assert automation.trigger.match.root == {"prefect.resource.id": "loraflow.line.*"}
+        for number in ("challenger_accuracy", "champion_accuracy", "p_value", "run_url"):
+            assert f"event.payload.{number}" in action.body, number
+    else:
+        assert automation.trigger.match_related.root == {"prefect.resource.role": "flow", "prefect.resource.name": "finetune"}
+        assert "flow_run|ui_url" in action.body and "flow_run.state.message" in action.body
+    assert name in {p.name for p in (INFRA / "automations").glob("*.yaml")}
+    assert raw["name"] in [a["name"] for a in provision.alert_automations()]
+
+
+def test_the_alerts_block_is_a_generic_webhook() -> None:
+    block = provision_module().alerts_block("http://127.0.0.1:9/hook")
+    request = block._build_request_args(body="challenger 0.52 vs champion 0.94", subject="not promoted")
+    assert request["method"] == "POST" and request["url"] == "http://127.0.0.1:9/hook"
+    assert request["json"] == {"subject": "not promoted", "body": "challenger 0.52 vs champion 0.94",
+                               "text": "not promoted\nchallenger 0.52 vs champion 0.94"}
+
+
+# --- prefect.yaml: GPU deployments a remote worker can run --------------------------------------------------------------
+
+
+def test_prefect_yaml_runs_the_gpu_config_on_pool_gpu_from_a_git_clone() -> None:
+    from prefect.utilities.schema_tools.validation import validate
+
+    spec = yaml.safe_load((INFRA.parent / "prefect.yaml").read_text())
+    clone, workdir = spec["pull"]
+    assert clone["prefect.deployments.steps.git_clone"]["id"] == "clone"
+    assert workdir["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ clone.directory }}"
+    deployments = {d["name"]: d for d in spec["deployments"] if d["entrypoint"] == "flows/finetune.py:finetune"}
+    assert set(deployments) == {"nightly", "manual", "on-upload"}
+    assert {d["name"] for d in spec["deployments"]} - set(deployments) == {"store-gc"}  # tests/test_config.py
+    for deployment in deployments.values():
+        assert deployment["parameters"]["config_file"] == "deployments/configs/llama3-8b-qlora-retrain.yaml"
+        pool = deployment["work_pool"]
+        assert pool["name"] == "gpu" and pool["job_variables"]["gpu_count"] == 1
+        for template in (DOCKER, KUBERNETES):  # the job variables fit both GPU pool templates
+            validate(pool["job_variables"], load(template)["variables"], raise_on_error=True, ignore_required=True)
+        env = pool["job_variables"]["env"]  # replaces the template's env, so it keeps the cache paths and heartbeats
+        assert env["LORAFLOW_CACHE_DIR"].startswith("/cache/") and int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) == 60
+
+
+def test_the_local_stack_deploys_the_same_names_on_the_cpu_demo() -> None:
+    local = yaml.safe_load((INFRA / "stack" / "prefect-local.yaml").read_text())
+    gpu = yaml.safe_load((INFRA.parent / "prefect.yaml").read_text())
+    assert [d["name"] for d in local["deployments"]] == [d["name"] for d in gpu["deployments"]]
+    assert local["pull"] == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": "{{ $LORAFLOW_PROJECT_DIR }}"}}]
+    for deployment in local["deployments"]:
+        if deployment["name"] == "store-gc":
+            assert deployment["parameters"]["store"] == ".loraflow/store"  # the CPU demo's output.store
+            continue
+        assert deployment["parameters"]["config_file"] == "deployments/configs/smollm2-135m-cpu.yaml"
+        assert deployment["work_pool"]["name"] == "gpu"
+    on_upload = {d["name"]: d for d in local["deployments"]}["on-upload"]
+    assert on_upload["triggers"] == {d["name"]: d for d in gpu["deployments"]}["on-upload"]["triggers"]
+    assert "--prefect-file infra/stack/prefect-local.yaml" in (INFRA / "stack" / "up.sh").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,51 @@ def test_failing_gate_still_reports_its_numbers_as_artifacts(gated_run: dict) ->
     rows = {row["metric"]: row["value"] for row in json.loads(artifacts["finetune-metrics"].data)}
     assert rows["quality gate"] == "failed: " + summary["quality_gate"]["failures"][0]
     assert "Quality gate: failed: eval accuracy" in artifacts["finetune-report"].data
+
+
+# --- end to end: a run whose smoke-infer answers are unusable -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refused_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One optimizer step leaves the tiny model without the answer format (no EOS within max_new_tokens): smoke-infer
+    refuses its answers. The run still writes its output folder, summary and artifacts, pushes and promotes nothing."""
+    work = tmp_path_factory.mktemp("refused")
+    with HubStandIn() as hub:
+        result = run_cli(
+            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
+            "--set", f"output.store={work / 'store'}", "--set", f"hub.repo_id={REPO}", "--set", "train.max_steps=1",
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
+        )
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    with PrefectReader() as prefect:
+        state, artifacts = prefect.state(summary["flow_run_id"]), prefect.artifacts(summary["flow_run_id"])
+    return {"result": result, "summary": summary, "hub": hub.record, "work": work, "state": state, "artifacts": artifacts}
+
+
+def test_unusable_answers_fail_the_run_naming_the_reason(refused_run: dict) -> None:
+    result, summary = refused_run["result"], refused_run["summary"]
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: flow run Failed: smoke-infer: ")
+    assert "answers are unusable" in errors[0] and "Nothing was pushed or promoted" in errors[0]
+    assert refused_run["state"].is_failed() and "answers are unusable" in refused_run["state"].message
+    assert summary["smoke_failure"] and summary["smoke_failure"] in errors[0]
+
+
+def test_unusable_answers_leave_their_evidence(refused_run: dict) -> None:
+    summary, out = refused_run["summary"], refused_run["work"] / "out"
+    assert {"adapter_model.safetensors", "README.md", "summary.json", "loss_curve.png"} <= {p.name for p in out.iterdir()}
+    answers = summary["smoke_answers"]  # every answer is kept, the refused one named in the reason among them
+    assert len(answers) == summary["num_eval_examples"] + 1  # the eval split and the one infer.prompts entry
+    named = re.search(r"e\.g\. '([^']*)' gave", summary["smoke_failure"]).group(1)
+    assert named in [a["input"] or a["instruction"] for a in answers]
+    assert summary["eval_accuracy"] is None and summary["promotion"]["decision"] == "refused"
+    assert summary["promotion"]["aliases_moved"] == [] and summary["promotion"]["event"] is None
+    rows = {row["metric"]: row["value"] for row in json.loads(refused_run["artifacts"]["finetune-metrics"].data)}
+    assert rows["smoke-infer"] == summary["smoke_failure"]
+    assert "Refused: smoke-infer" in refused_run["artifacts"]["finetune-report"].data
+    store = refused_run["work"] / "store"
+    assert not (store / "aliases").exists() or json.loads((store / "aliases" / f"{summary['line']}.json").read_text())[
+        "aliases"] == {}
+    assert refused_run["hub"].requests == [] and summary["hub_url"] is None

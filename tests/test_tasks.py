@@ -22,7 +22,7 @@ from loraflow.backends import load_model
 from loraflow.hub import push_hub
 from loraflow.outputs import save_local
 from loraflow.summary import RunSummary
-from loraflow.inference import smoke_infer
+from loraflow.inference import check_usable, smoke_infer
 from loraflow.training import TrainSpec, train_adapter
 from tests.conftest import TINY_CONFIG
 from tests.hub_standin import HubStandIn
@@ -178,9 +178,14 @@ def test_smoke_infer_answers_end_with_eos_and_score_accuracy(trained: Trained, p
 
 
 def test_smoke_infer_fails_an_untrained_model(cfg: FinetuneConfig, prompts: Prompts) -> None:
+    """An untrained model's answers are refused: smoke-infer returns them with the reason (so the run can save
+    them), and check_usable, which the flow calls once everything is saved, fails on it."""
     untrained = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    result = smoke_infer(untrained, prompts, cfg.infer)
+    assert result.unusable and "unusable" in result.unusable
+    assert result.scores is None and len(result.answers) == len(prompts.eval_examples) + len(prompts.infer_prompts)
     with pytest.raises(QualityGateError, match="unusable"):
-        smoke_infer(untrained, prompts, cfg.infer)
+        check_usable(result)
 
 
 @pytest.mark.slow

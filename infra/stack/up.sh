@@ -2,8 +2,9 @@
 # make stack: a local loraflow stack on 127.0.0.1, idempotent — run it again and it starts only what is down.
 #   Prefect server (SQLite)  http://127.0.0.1:$LORAFLOW_PREFECT_PORT (4200)
 #   S3 server (nanio)        http://127.0.0.1:$LORAFLOW_S3_PORT (9000), bucket $LORAFLOW_BUCKET (loraflow)
-#   work pool `gpu` (process), blocks (AwsCredentials `loraflow-s3`, S3Bucket `loraflow-artifacts`),
-#   the deployments from prefect.yaml, and one worker.
+#   work pool `gpu` (process), blocks (AwsCredentials `loraflow-s3`, S3Bucket `loraflow-artifacts`), with
+#   $LORAFLOW_ALERTS_URL the notification block `loraflow-alerts` and the alert automations (infra/automations/),
+#   the deployments from infra/stack/prefect-local.yaml (prefect.yaml's three, on the CPU demo config), one worker.
 # Logs, PIDs, the S3 keys and the Prefect database live in $LORAFLOW_STACK_DIR (.loraflow/stack).
 # make stack-down stops what this started, by PID.
 set -euo pipefail
@@ -66,9 +67,10 @@ wait_for "$PREFECT_API_URL/health" 120
 "$BIN/python" "$ROOT/infra/stack/provision.py" --bucket "$BUCKET"
 "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process >/dev/null
 echo "  work pool gpu: ready"
-(cd "$ROOT" && "$BIN/prefect" --no-prompt deploy --all >"$STACK/logs/deploy.log" 2>&1) \
+(cd "$ROOT" && "$BIN/prefect" --no-prompt deploy --all --prefect-file infra/stack/prefect-local.yaml \
+  >"$STACK/logs/deploy.log" 2>&1) \
   || { echo "error: prefect deploy --all failed; see $STACK/logs/deploy.log" >&2; exit 1; }
-echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) from prefect.yaml"
+echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) from infra/stack/prefect-local.yaml"
 
 # Zombie runs (heartbeats stopped: a dead box, a killed worker) are marked Crashed; created once.
 "$BIN/prefect" automation ls 2>/dev/null | grep -q "Crash zombie flow runs" \
