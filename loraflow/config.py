@@ -107,7 +107,8 @@ class LoraSettings(Section):
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
         "auto",
         description="auto = Unsloth's offloaded checkpointing (PEFT's on transformers), off for a run whose largest "
-        "micro-batch's activations fit in a quarter of the free GPU memory (Unsloth backend)",
+        "micro-batch's activations fit the GPU's memory budget, measured when training starts (Unsloth backend; "
+        "loraflow/memory.py)",
     )
 
     @field_validator("gradient_checkpointing", mode="before")
