@@ -32,11 +32,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/loraflow run --config deployments/configs/smollm2-135m-cpu.yaml
 
+# The suite in TEST_WORKERS processes, one test file per process at a time (--dist loadfile: a file's servers
+# and trained runs are set up once); most of a slow test is waiting on servers and subprocesses, so two
+# processes finish in well under the time of one, even on 2 cores. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow'
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

@@ -21,7 +21,6 @@ import logging
 import os
 import types
 import typing
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union

@@ -16,31 +16,19 @@ import pytest
 import loraflow.progress
 from loraflow.report import LOSS_CURVE_FILE, METRICS_ARTIFACT_KEY, REPORT_ARTIFACT_KEY
 from loraflow.progress import PROGRESS_ARTIFACT_KEY, UPDATE_EVERY_PERCENT, train_progress_callback
-from tests.conftest import TINY_CONFIG, run_cli
-from tests.hub_standin import HubStandIn
 from tests.prefect_reads import PrefectReader
 
-REPO = "loraflow-tests/gated-adapter"
+REPO = "loraflow-tests/tiny-adapter"  # tiny_run's
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One run with the gate on that passes and pushes: hub.min_eval_accuracy 0.3, under the tiny config's ~0.56
-    (the random tiny base model scores near chance, so beating it by a margin is not something 9 eval rows show)."""
-    work = tmp_path_factory.mktemp("artifacts")
-    with HubStandIn() as hub:
-        result = run_cli(
-            "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
-            "--set", f"output.store={work / 'store'}", "--set", f"hub.repo_id={REPO}",
-            "--set", "hub.min_eval_accuracy=0.3",
-            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_sentinel_token_for_tests", "HF_HUB_OFFLINE": "0"},
-        )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((work / "out" / "summary.json").read_text())
+def run(tiny_run: dict) -> dict:
+    """The session's tiny run (tests/conftest.py: the gate on at 0.3, which it passes, and a push), with the
+    artifacts Prefect holds for it."""
     with PrefectReader() as prefect:
-        artifacts = prefect.artifacts(summary["flow_run_id"])
-    return {"result": result, "summary": summary, "hub": hub.record, "work": work, "artifacts": artifacts}
+        artifacts = prefect.artifacts(tiny_run["summary"]["flow_run_id"])
+    return {**tiny_run, "artifacts": artifacts}
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ server, nanio S3, pool `gpu`, a process worker, the webhook receiver):
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,8 @@ def test_gate_on_free_text_outputs_is_an_input_error() -> None:
 
 @pytest.mark.slow
 def test_loraflow_run_with_a_gate_on_free_text_exits_2_before_any_model_loads(tmp_path: Path) -> None:
-    """Thirty distinct answers are no label set, so hub.min_eval_accuracy cannot be measured: the run stops with
-    exit 2 after format-prompts, before load-4bit-model, and nothing is trained or published."""
+    """Thirty distinct answers are no label set, so hub.min_eval_accuracy cannot be measured: the CLI's preflight
+    reads and formats the data, stops with exit 2 before the flow starts, and nothing is trained or published."""
     rows = [{"instruction": "续写这句话。", "input": f"第{i}个句子", "output": f"这是第{i}个不同的回答"} for i in range(30)]
     data = tmp_path / "free_text.json"
     data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
@@ -70,8 +71,7 @@ def test_loraflow_run_with_a_gate_on_free_text_exits_2_before_any_model_loads(tm
     assert result.returncode == 2, log[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "hub.min_eval_accuracy" in errors[0] and "not a closed label set" in errors[0]
-    assert "Task run 'format-prompts" in log  # the labels were looked for ...
-    assert "Task run 'load-4bit-model" not in log and "Task run 'train" not in log  # ... and no model was loaded
+    assert "Beginning flow run" not in log and "Task run 'load-4bit-model" not in log  # no flow, no model
     assert not (tmp_path / "store" / "adapters").exists() and not (tmp_path / "store" / "checkpoints").exists()
     assert not (tmp_path / "out").exists()
 
@@ -215,9 +215,11 @@ def test_label_likelihoods_match_one_sequence_at_a_time_and_the_base_model() -> 
 
 
 @pytest.fixture(scope="module")
-def gated_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny config reaches ~0.56 eval accuracy; hub.min_eval_accuracy 1.0 stops it."""
+def gated_run(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny config reaches ~0.56 eval accuracy; hub.min_eval_accuracy 1.0 stops it. The gate is judged on the
+    adapter the session's tiny run trained (a copy of its store: hub.* is not in the train key), reloaded."""
     work = tmp_path_factory.mktemp("gated")
+    shutil.copytree(tiny_run["work"] / "store", work / "store")
     with HubStandIn() as hub:
         result = run_cli(
             "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
