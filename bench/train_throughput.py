@@ -462,12 +462,11 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
     return result
 
 
-def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int = 1) -> dict[str, Any]:
-    """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone."""
-    import yaml
-
+def notebook_config(model_dir: Path, work: Path, backend: str, steps: int, devices: int) -> dict[str, Any]:
+    """The notebook workload as a loraflow config (960 examples, 4 × 4, lr 2e-4, NF4), in a new store each time:
+    a store that has the adapter would (rightly) skip training. bench/deployment_phases.py runs it too."""
     data_file = write_notebook_data(work)
-    config = {
+    return {
         "data": {"uri": str(data_file), "eval_fraction": NOTEBOOK_HELD_OUT / (NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT)},
         "prompt": {"template": NOTEBOOK_TEMPLATE},
         "model": {"name": str(model_dir), "backend": backend, "load_in_4bit": True, "max_seq_length": 2048},
@@ -475,9 +474,15 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int 
                   "learning_rate": 2e-4, "optimizer": "auto", "num_devices": devices},
         # A random model never says EOS: generate for no example, so smoke-infer has nothing to fail on.
         "infer": {"max_eval_examples": 0, "max_new_tokens": 8},
-        # a new store each time: a store that has the adapter would (rightly) skip training
         "output": {"dir": str(work / "cli-out"), "store": str(work / f"cli-store-{time.time_ns()}")},
     }
+
+
+def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int = 1) -> dict[str, Any]:
+    """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone."""
+    import yaml
+
+    config = notebook_config(model_dir, work, backend, steps, devices)
     config_file = work / "cli.yaml"
     config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
     milestones = {"Beginning flow run": "flow_started_s", "load-4bit-model:": "loaded_s", "attach-LoRA:": "attached_s", "train: step 1 done": "first_step_s",

@@ -111,8 +111,12 @@ def print_plan(cfg: Any, prompts: Any) -> None:
     from loraflow.batching import memorisation_note, passes_over_data
     from loraflow.quality import FEW_SCORED
 
+    from loraflow.sources import newest_object
+
     trained = len(prompts.train_prompts)
     print("dry run: the input is valid; nothing was trained and no model weights were loaded")
+    source = newest_object(cfg.data.uri)
+    print(f"data: {source.uri}" + (f" (the newest data file under {source.source})" if source.from_folder else ""))
     print(f"train: {trained} examples"
           + (f" ({prompts.num_too_long} longer than model.max_seq_length left out)" if prompts.num_too_long else "")
           + f", the longest {prompts.longest_tokens} tokens (model.max_seq_length {cfg.model.max_seq_length}); "

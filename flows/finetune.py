@@ -58,7 +58,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | None = None, config_file:
     mark("flow_started")
     cfg = resolve_config(config, config_file)
     check_tracking(cfg.train)  # trainer_args against SFTConfig, trackers installed: before anything loads
-    check_output_dir(cfg.output)  # unwritable, or holding files loraflow did not write: said before anything runs
+    check_output_dir(cfg.output, cfg.data)  # unwritable, or holding files loraflow did not write: said before anything runs
     backend = choose_backend(cfg.model.backend)  # once per run; Unsloth is imported now, before transformers
     check_packing(cfg.train, backend)
     check_target_modules(cfg.model, cfg.lora)  # from the model's config alone, before any weights load

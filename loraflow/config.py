@@ -61,8 +61,14 @@ class PromptConfig(Section):
             raise ValueError(
                 f"a custom template must contain {' and '.join(missing)} (or be one of {', '.join(BUILTIN_TEMPLATES)})"
             )
-        if not template.rstrip().endswith("{output}"):
-            raise ValueError("a custom template must end with {output}: generation continues from there")
+        if template.count("{output}") > 1:
+            raise ValueError("{output} appears more than once: the answer would be trained on twice in every text")
+        if not template.endswith("{output}"):
+            after = template[template.index("{output}") + len("{output}"):]
+            hint = (" (a YAML `template: |` block ends with a newline: write `template: |-`)" if not after.strip()
+                    else "")
+            raise ValueError(f"a custom template must end with {{output}}: generation continues from there, and the "
+                             f"answer ends with EOS; this one has {after!r} after it{hint}")
         before = template[: template.index("{output}")]
         if before and before[-1].isspace() and before[-1] not in "\r\n":
             # Tokenizers attach a space (or tab) to the word after it: " positive" is one token. The prompt would end

@@ -80,7 +80,7 @@ def no_such_file(path: str) -> str:
 
 
 def read_local(path: str) -> bytes:
-    file = Path(path)
+    file = Path(path).expanduser()  # `~/data/train.json`, as a folder URI is read
     if not file.is_file():
         raise DatasetError(no_such_file(path))
     return file.read_bytes()
@@ -177,27 +177,54 @@ def parse_records(raw: bytes, name: str) -> list[tuple[str, Any]]:
     return parse_json(text, name)
 
 
+class RepeatedKey(ValueError):
+    """A JSON object that names one key twice: json.loads would keep the last value without a word."""
+
+
+def object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a dict, or RepeatedKey naming the first key given twice."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise RepeatedKey(key)
+        seen[key] = value
+    return seen
+
+
+def load_json(text: str) -> Any:
+    """json.loads that refuses an object with a repeated key (RepeatedKey) instead of keeping its last value."""
+    return json.loads(text, object_pairs_hook=object_without_repeats)
+
+
 def parse_json(text: str, name: str) -> list[tuple[str, Any]]:
     try:
-        loaded = json.loads(text)
+        loaded = load_json(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{name}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RepeatedKey as exc:
+        raise DatasetError(f"{name}: a record names the key {exc.args[0]!r} twice; JSON readers keep only the last value, so "
+                           "one of them would be lost: keep one") from None
     if not isinstance(loaded, list):
         raise DatasetError(
-            f"{name}: expected a JSON array of records [{{instruction, input, output}}, ...], got a {json_type(loaded)}"
+            f"{name}: expected a JSON array of records [{{instruction, input, output}}, ...], got {a_json_type(loaded)}"
         )
     return [(f"row {i}", record) for i, record in enumerate(loaded, start=1)]
 
 
 def parse_jsonl(text: str, name: str) -> list[tuple[str, Any]]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() would also split inside a string at U+2028, U+0085 and the like,
+    # which JSON allows there unescaped (json.dumps(..., ensure_ascii=False) writes them so).
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append((f"line {lineno}", json.loads(line)))
+            records.append((f"line {lineno}", load_json(line)))
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{name}: line {lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        except RepeatedKey as exc:
+            raise DatasetError(f"{name}: line {lineno}: the key {exc.args[0]!r} is given twice; JSON readers keep only the last "
+                               "value, so one of them would be lost: keep one") from None
     return records
 
 
@@ -210,6 +237,12 @@ def parse_csv(text: str, name: str) -> list[tuple[str, Any]]:
     """
     reader = csv.reader(io.StringIO(text))
     header = next(reader, [])
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:  # dict(zip(...)) would keep the last column of the name and lose the others without a word
+        columns = "; ".join(f"{column!r} is columns {', '.join(str(i + 1) for i, c in enumerate(header) if c == column)}"
+                            for column in repeated)
+        raise DatasetError(f"{name}: the CSV header names a column twice ({columns}); only one column of a name can "
+                           "be read: rename or remove the others")
     missing = [field for field in REQUIRED_FIELDS if field not in header]
     if missing:
         raise DatasetError(f"{name}: CSV header has no column {', '.join(repr(m) for m in missing)} (found: {header})")
@@ -254,6 +287,22 @@ def json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+def a_json_type(value: Any) -> str:
+    """json_type with its article: 'an object', 'a string', 'null'."""
+    name = json_type(value)
+    return name if name == "null" else ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def check_encodable(text: str, where: str, field: str) -> None:
+    """Raises DatasetError when `text` holds an unpaired surrogate (JSON's "\\ud800" without its pair, common in
+    scraped text with a broken emoji): no tokenizer can encode it, and it would fail deep in training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(f"{where}: field '{field}' holds an unpaired surrogate ({text[exc.start]!r} at character "
+                           f"{exc.start + 1}), which is no Unicode text: remove it or restore its pair") from None
+
+
 def holds_data(value: Any) -> bool:
     """A value that means something: not null, not blank text, not an empty array or object."""
     if value is None:
@@ -295,7 +344,7 @@ def record_shape(record: Any) -> str:
 
 def validate_row(record: Any, where: str) -> dict[str, str]:
     if not isinstance(record, dict):
-        raise DatasetError(f"{where}: expected an object with instruction, input, output; got a {json_type(record)}")
+        raise DatasetError(f"{where}: expected an object with instruction, input, output; got {a_json_type(record)}")
     for field in REQUIRED_FIELDS:
         if field not in record:
             raise DatasetError(f"{where}: field '{field}' is missing")
@@ -308,6 +357,7 @@ def validate_row(record: Any, where: str) -> dict[str, str]:
             raise DatasetError(f"{where}: field '{field}' must be a string, got {json_type(value)}")
         if field in REQUIRED_FIELDS and not value.strip():
             raise DatasetError(f"{where}: field '{field}' is blank")
+        check_encodable(value, where, field)
         row[field] = value
     return row
 
@@ -329,7 +379,7 @@ def validate_chat_row(record: Any, where: str, shape: str) -> dict[str, list[dic
     """One conversation -> {messages: [{role, content}]}; every turn checked, then the order of the turns."""
     role_key, text_key = TURN_KEYS[shape]
     if not isinstance(record, dict):
-        raise DatasetError(f"{where}: expected an object with '{shape}' (a chat record); got a {json_type(record)}")
+        raise DatasetError(f"{where}: expected an object with '{shape}' (a chat record); got {a_json_type(record)}")
     if shape not in record:
         raise DatasetError(f"{where}: field '{shape}' is missing (the first row is a chat record, so every row must be)")
     turns = record[shape]
@@ -345,6 +395,11 @@ def validate_chat_row(record: Any, where: str, shape: str) -> dict[str, list[dic
         for key in (role_key, text_key):
             if key not in turn:
                 raise DatasetError(f"{where}: field '{field}.{key}' is missing")
+        extra = [key for key in turn if key not in (role_key, text_key)]
+        if extra:  # e.g. OpenAI's per-turn "weight": 0 means "do not train on this turn", which loraflow would not honour
+            raise DatasetError(f"{where}: field '{field}' has key(s) {', '.join(repr(k) for k in extra)} besides "
+                               f"'{role_key}' and '{text_key}'; loraflow reads no other turn key, so they would be "
+                               "ignored: remove them")
         speaker, content = turn[role_key], turn[text_key]
         if speaker not in SPEAKERS[shape]:
             raise DatasetError(f"{where}: field '{field}.{role_key}' is {speaker!r}; expected one of "
@@ -353,6 +408,7 @@ def validate_chat_row(record: Any, where: str, shape: str) -> dict[str, list[dic
             raise DatasetError(f"{where}: field '{field}.{text_key}' must be a string, got {json_type(content)}")
         if not content.strip():
             raise DatasetError(f"{where}: field '{field}.{text_key}' is blank")
+        check_encodable(content, where, f"{field}.{text_key}")
         messages.append({"role": SPEAKERS[shape][speaker], "content": content})
     check_turn_order(messages, where, shape)
     return {"messages": messages}

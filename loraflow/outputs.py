@@ -22,7 +22,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from loraflow.config import OutputSettings
+from loraflow.config import DataConfig, OutputSettings
 from loraflow.errors import ConfigError, OutputWriteError
 from loraflow.logs import run_logger
 from loraflow.store import Store, open_store
@@ -84,13 +84,17 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_dir(output: OutputSettings) -> Path:
+def check_output_dir(output: OutputSettings, data: DataConfig | None = None) -> Path:
     """Before anything loads: output.dir can be created and written, and holds nothing loraflow would destroy.
 
-    Refused always: a folder that is (or contains) the working directory, the home folder or the store. Refused
-    unless output.overwrite: a folder with files loraflow did not write (see foreign_files). Creates nothing.
-    Returns the folder, resolved. Raises ConfigError naming output.dir and what is wrong."""
+    Refused always: a folder that is (or contains) the working directory, the home folder or the store; with
+    `data`, an output.dir or a local output.store inside a local data folder (data.uri or data.eval_uri naming a
+    folder: the next run would take the newest file there, our summary.json, for its dataset). Refused unless
+    output.overwrite: a folder with files loraflow did not write (see foreign_files). Creates nothing.
+    Returns the folder, resolved. Raises ConfigError naming output.dir (or output.store) and what is wrong."""
     folder = Path(output.dir).expanduser().resolve()
+    if data is not None:
+        check_outside_data_folders(output, data)
     for ancestor in [folder, *folder.parents]:
         if ancestor.exists() and not ancestor.is_dir():
             where = "is a file" if ancestor == folder else f"is under {ancestor}, which is a file"
@@ -121,6 +125,24 @@ def check_output_dir(output: OutputSettings) -> Path:
         )
     return folder
 
+
+
+def check_outside_data_folders(output: OutputSettings, data: DataConfig) -> None:
+    """Raises ConfigError when output.dir or a local output.store is inside a local folder data.uri or
+    data.eval_uri names: what a run writes there (summary.json, manifests) would become the newest data file."""
+    from loraflow.sources import is_folder
+
+    written = {"output.dir": output.dir} | ({"output.store": output.store} if "://" not in output.store else {})
+    for setting, uri in (("data.uri", data.uri), ("data.eval_uri", data.eval_uri)):
+        if not uri or uri.startswith("s3://") or not is_folder(uri):
+            continue
+        data_folder = Path(uri).expanduser().resolve()
+        for what, path in written.items():
+            resolved = Path(path).expanduser().resolve()
+            if resolved == data_folder or data_folder in resolved.parents:
+                raise ConfigError(f"{what} {resolved}: is inside the data folder {setting} {data_folder}, so the next "
+                                  "run would read what this one writes there (a summary.json, a manifest) as the "
+                                  f"newest data file; put {what} outside it")
 
 
 def run_record_keys(run_id: str) -> dict[str, str]:

@@ -35,7 +35,7 @@ def check_inputs(cfg: FinetuneConfig) -> Prompts:
     eval_dataset = read_dataset(cfg.data.eval_uri) if cfg.data.eval_uri else None
     plan = plan_rows(train, eval_dataset, cfg.prompt, cfg.data)
     check_gate_measurable(cfg.hub, plan.labels, plan.why_no_labels)
-    check_output_dir(cfg.output)
+    check_output_dir(cfg.output, cfg.data)
     open_store(cfg.output.store).check()
     # the backend's module first: Unsloth must be imported before the tokenizer below imports transformers
     choose_backend(cfg.model.backend)

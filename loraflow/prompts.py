@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from loraflow.errors import ConfigError, DatasetError
 from loraflow.logs import run_logger
 from loraflow.models import resolve_model
 from loraflow.templates import answer_of, render
-from loraflow.data import CHAT_FIELDS, Dataset
+from loraflow.data import CHAT_FIELDS, Dataset, shortened
 from loraflow.store import Store
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label set
@@ -100,11 +101,30 @@ def why_no_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str,
         return f"the training outputs take {len(counts)} distinct values (free text; a label set has at most {MAX_LABELS})"
     once = sorted(label for label, count in counts.items() if count < 2)
     if once:
-        return f"{len(once)} training output(s) occur only once (e.g. {once[0]!r}); every label must occur at least twice"
+        return (f"{len(once)} training output(s) occur only once (e.g. {shortened(once[0], 60)!r}); every label must "
+                "occur at least twice")
     outside = sorted({answer_of(row).strip() for row in eval_rows} - set(counts))
     if outside:
         return f"eval output {outside[0]!r} is not among the training outputs"
     return None
+
+
+def label_like_outputs(train_rows: list[dict[str, Any]]) -> list[str]:
+    """The distinct training answers (stripped) when there are few enough to be labels (at most MAX_LABELS), even
+    when they do not form a closed label set (a variant seen once is one reason they may not); else []."""
+    distinct = sorted({answer_of(row).strip() for row in train_rows})
+    return distinct if len(distinct) <= MAX_LABELS else []
+
+
+def look_alike_labels(labels: list[str]) -> list[list[str]]:
+    """Groups of labels that are one word written differently: the same after Unicode NFKC normalisation (full-width
+    to ASCII), accents removed and case folded ('Positive', 'positive', 'ｐｏｓｉｔｉｖｅ', 'posítive')."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", label))
+        key = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+        groups.setdefault(key, []).append(label)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
 def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[str] | None:
@@ -331,6 +351,9 @@ def build_prompts(
         texts = [pair for i, pair in enumerate(texts) if i not in dropped]
     if plan.why_no_labels and plan.eval_rows:
         notes.append(f"eval accuracy is not measured: {plan.why_no_labels}")
+    notes += [f"labels {' and '.join(repr(label) for label in group)} differ only in case, width or accents: they are "
+              "trained and scored as different labels, each answer right for one of them only; write them one way"
+              for group in look_alike_labels(label_like_outputs(plan.train_rows))]
     return Prompts(
         train_prompts=[head for head, _ in texts],
         train_completions=[tail for _, tail in texts],

@@ -1,7 +1,7 @@
 """Which object a run trains on: `data.uri` as it is, or the newest data file under a folder.
 
 A folder is a local directory, or an `s3://bucket/prefix/` URI ending in `/`. Its data files are the objects
-under it (any depth) whose names end in a supported suffix (.json, .jsonl, .csv, .parquet); the newest is the one
+under it (any depth, nothing hidden: no name below the folder starts with ".") whose names end in a supported suffix (.json, .jsonl, .csv, .parquet); the newest is the one
 with the latest last-modified time, ties broken by the larger key, so every reader picks the same one. A file, an
 S3 object, an http(s) URL or a Hub id is used as it is. The run's summary records the exact object and its ETag
 (S3) beside the sha256 of the bytes read.
@@ -70,18 +70,25 @@ def describe_object(uri: str) -> DataObject:
 
 
 def list_local_folder(folder: str) -> list[DataObject]:
-    """Every data file under a local directory (any depth; hidden files left out), with its mtime.
+    """Every data file under a local directory (any depth; hidden files and folders left out), with its mtime.
     Raises DatasetError when the directory does not exist."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetError(no_such_file(folder))
     return [DataObject(uri=str(path), source=folder, last_modified=path.stat().st_mtime)
             for path in root.rglob("*")
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in SUPPORTED_SUFFIXES]
+            if path.is_file() and not hidden(path.relative_to(root).parts) and path.suffix.lower() in SUPPORTED_SUFFIXES]
+
+
+def hidden(parts: tuple[str, ...] | list[str]) -> bool:
+    """A name starting with "." anywhere below the folder: a hidden file, or any file in a hidden folder
+    (`.ipynb_checkpoints/train-checkpoint.json` is Jupyter's stale copy, newer than the file it copies)."""
+    return any(part.startswith(".") for part in parts)
 
 
 def list_s3_folder(uri: str) -> list[DataObject]:
-    """Every data object under an S3 prefix (any depth; hidden names left out), with its ETag and LastModified.
+    """Every data object under an S3 prefix (any depth; hidden names and folders left out), with its ETag and
+    LastModified.
     Raises DatasetError (no bucket, no or refused credentials), ConnectionError (endpoint unreachable)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -94,8 +101,8 @@ def list_s3_folder(uri: str) -> list[DataObject]:
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
             for item in page.get("Contents", []):
-                name = item["Key"].rsplit("/", 1)[-1]
-                if name.startswith(".") or suffix_of(item["Key"]) not in SUPPORTED_SUFFIXES:
+                below = item["Key"][len(prefix):].strip("/").split("/") if prefix else item["Key"].split("/")
+                if hidden(below) or suffix_of(item["Key"]) not in SUPPORTED_SUFFIXES:
                     continue
                 found.append(DataObject(uri=f"s3://{bucket}/{item['Key']}", source=uri, etag=item["ETag"].strip('"'),
                                         last_modified=item["LastModified"].timestamp()))

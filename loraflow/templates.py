@@ -9,6 +9,7 @@ are context, like the user turns: with train.completion_only_loss only the last 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ALPACA = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
@@ -35,6 +36,7 @@ ALPACA_ZH = """以下是描述任务的指令，搭配的输入提供了进一�
 {output}"""
 
 NAMED_TEMPLATES = {"alpaca": ALPACA, "alpaca_zh": ALPACA_ZH}
+PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
 
 
 def render(template: str, row: dict[str, Any], tokenizer: Any, with_output: bool = True) -> str:
@@ -47,11 +49,12 @@ def render(template: str, row: dict[str, Any], tokenizer: Any, with_output: bool
     if template == "chat":
         return render_chat(row, tokenizer, with_output)
     pattern = NAMED_TEMPLATES.get(template, template)
-    # str.format would trip on braces inside user text; replace the three placeholders only.
-    text = pattern.replace("{instruction}", row["instruction"]).replace("{input}", row.get("input", ""))
-    if not with_output:
-        return text.replace("{output}", "")
-    return text.replace("{output}", row["output"]) + tokenizer.eos_token
+    values = {"instruction": row["instruction"], "input": row.get("input", ""),
+              "output": row["output"] if with_output else ""}
+    # One pass over the template alone: a "{input}" or "{output}" written inside the data is text, never a
+    # placeholder (chained str.replace would substitute it; str.format would trip on any brace).
+    text = PLACEHOLDER.sub(lambda found: values[found.group(1)], pattern)
+    return text + tokenizer.eos_token if with_output else text
 
 
 def render_chat(row: dict[str, str], tokenizer: Any, with_output: bool) -> str:

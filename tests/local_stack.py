@@ -33,6 +33,7 @@ def stack_env(state: Path, bucket: str, **extra: str) -> dict[str, str]:
         "LORAFLOW_STACK_DIR": str(state),
         "LORAFLOW_PREFECT_PORT": str(free_port()),
         "LORAFLOW_S3_PORT": str(free_port()),
+        "LORAFLOW_WEBHOOK_PORT": str(free_port()),  # never up.sh's default 8787: stacks of two test processes meet
         "LORAFLOW_BUCKET": bucket,
         "LORAFLOW_BIN": str(Path(sys.executable).parent),
         **extra,

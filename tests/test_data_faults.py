@@ -541,3 +541,150 @@ def test_the_flow_itself_refuses_bad_input_before_any_model_loads(tmp_path: Path
     for (failed, error, message), (_, expected_error, words) in zip(json.loads(lines[0][8:]), cases):
         assert failed and error == expected_error and words in message, (error, message)
     assert "a model was loaded" not in process.stdout + process.stderr
+
+
+# --- more of the same kinds, found by trying new inputs as a user would ---------------------------------------------
+# Each is found while the dataset is read or the config validated, in the core functions the CLI's preflight and the
+# flow's steps both call; the tests above show that such an error is a one-line exit 2 before anything loads.
+
+
+def dataset_error(path: Path, *words: str) -> str:
+    from loraflow.data import read_dataset
+    from loraflow.errors import DatasetError
+
+    with pytest.raises(DatasetError) as raised:
+        read_dataset(str(path))
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    return message
+
+
+def test_an_unpaired_surrogate_is_named_not_a_traceback_in_the_tokenizer(tmp_path: Path) -> None:
+    """Valid JSON ("\\ud800" without its pair: scraped text with a broken emoji) that no tokenizer can encode."""
+    text = json.dumps(rows(SHORT)).replace("happy", "hap\\ud800py", 1)
+    dataset_error(write_text(tmp_path / "scraped.json", text), "row 1: field 'input'", "unpaired surrogate", "'\\ud800'")
+    chat = {"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", "content": "hello"}]}
+    dataset_error(write_text(tmp_path / "chat.jsonl", json.dumps(chat).replace("\\\\", "\\")),
+                  "line 1: field 'messages[0].content'", "unpaired surrogate")
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_input_error(tmp_path: Path) -> None:
+    """dict(zip(header, values)) would keep the last 'input' column: every review replaced by the extra column."""
+    csv = write_text(tmp_path / "reviews.csv", "instruction,input,input,output\nClassify.,Nice park.,note 1,positive\n"
+                                               "Classify.,Bad app.,note 2,negative\n")
+    dataset_error(csv, "names a column twice", "'input' is columns 2, 3")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_key_given_twice_in_one_record_is_an_input_error(tmp_path: Path, suffix: str) -> None:
+    record = '{"instruction": "Classify.", "input": "Nice park.", "output": "positive", "output": "negative"}'
+    text = f"[{record}]" if suffix == ".json" else f"{record}\n"
+    message = dataset_error(write_text(tmp_path / f"twice{suffix}", text), "'output'", "twice")
+    assert suffix == ".json" or "line 1" in message
+
+
+def test_jsonl_strings_may_hold_line_separators(tmp_path: Path) -> None:
+    """JSON allows U+2028 and U+0085 unescaped in a string (json.dumps(ensure_ascii=False) writes them so): a JSONL
+    record ends at "\\n" only."""
+    from loraflow.data import read_dataset
+
+    records = rows(SHORT[:4])
+    records[1]["input"] = "First line\u2028second line\u0085third"
+    path = write_text(tmp_path / "separators.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    assert [row["input"] for row in read_dataset(str(path)).rows] == [r["input"] for r in records]
+
+
+def test_a_chat_turn_key_loraflow_does_not_read_is_an_input_error(tmp_path: Path) -> None:
+    """OpenAI's per-turn "weight": 0 means "do not train on this answer"; loraflow would train on it regardless."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0}]}
+    dataset_error(write_json(tmp_path / "weights.json", [chat]), "row 1: field 'messages[1]'", "'weight'")
+
+
+def test_braces_in_the_data_are_text_never_placeholders() -> None:
+    from types import SimpleNamespace
+
+    from loraflow.templates import render
+
+    tokenizer = SimpleNamespace(eos_token="</s>")
+    row = {"instruction": "Rate the {input} below.", "input": "A {output} in the text", "output": "neutral"}
+    template = "{instruction}\n{input}\n答:{output}"
+    assert render(template, row, tokenizer) == "Rate the {input} below.\nA {output} in the text\n答:neutral</s>"
+    assert render(template, row, tokenizer, with_output=False) == "Rate the {input} below.\nA {output} in the text\n答:"
+
+
+@pytest.mark.parametrize(("template", "words"), [
+    ("{instruction}\n{input}\n答:{output}\n", ["'\\n' after it", "template: |-"]),  # a YAML `template: |` block
+    ("{instruction}\n{input}\n答:{output} (one word)", ["' (one word)' after it"]),
+    ("{instruction}\n{input}\n答:{output}{output}", ["more than once"]),
+])
+def test_nothing_may_follow_output_in_a_template(template: str, words: list[str]) -> None:
+    from pydantic import ValidationError
+
+    from loraflow.config import PromptConfig
+
+    with pytest.raises(ValidationError) as raised:
+        PromptConfig(template=template)
+    for word in words:
+        assert word in str(raised.value), str(raised.value)
+
+
+def test_look_alike_labels_are_grouped() -> None:
+    from loraflow.prompts import look_alike_labels
+
+    labels = ["Negative", "negative", "neutral", "positive", "ｐｏｓｉｔｉｖｅ", "posi\u0301tive", "積極"]
+    assert look_alike_labels(labels) == [["Negative", "negative"], ["positive", "posi\u0301tive", "ｐｏｓｉｔｉｖｅ"]]
+    assert look_alike_labels(["积极", "消极", "中性"]) == []
+
+
+def test_a_folder_run_skips_hidden_folders_says_which_file_and_look_alike_labels(tmp_path: Path) -> None:
+    """Jupyter's `.ipynb_checkpoints/train-checkpoint.json` is newer than the file it copies: never the newest data.
+    The dry run names the file it picked, and labels written two ways ('Positive', 'positive') are said."""
+    import os
+
+    folder = tmp_path / "data"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    pairs = [(f"{text} (review {i})", label.capitalize() if i % 4 == 0 else label)
+             for i, (text, label) in enumerate(SHORT * 3)]
+    write_json(folder / "train.json", rows(pairs))
+    stale = write_json(folder / ".ipynb_checkpoints" / "train-checkpoint.json", rows(SHORT[:3]))
+    os.utime(stale, (os.path.getmtime(folder / "train.json") + 60,) * 2)
+    result = loraflow(tmp_path, folder, "data.eval_fraction=0.25", dry_run=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"data: {folder / 'train.json'} (the newest data file under {folder})" in result.stdout
+    assert "train: 27 examples" in result.stdout  # 36 rows, 9 held out: not the checkpoint's 3
+    look_alike = [note for note in notes_of(result) if "differ only in case" in note]
+    assert look_alike and all("'Positive' and 'positive'" in n or "'Negative' and 'negative'" in n or
+                              "'Neutral' and 'neutral'" in n for n in look_alike)
+
+
+def test_output_dir_or_store_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
+    """What a run writes there (summary.json) would be the next run's newest data file."""
+    from loraflow.config import DataConfig, OutputSettings
+    from loraflow.errors import ConfigError
+    from loraflow.outputs import check_output_dir
+
+    folder = tmp_path / "data"
+    write_json(folder.mkdir() or folder / "train.json", rows(SHORT))
+    data = DataConfig(uri=str(folder))
+    with pytest.raises(ConfigError, match=r"output.dir .*/data/out: is inside the data folder data.uri"):
+        check_output_dir(OutputSettings(dir=str(folder / "out"), store=str(tmp_path / "store")), data)
+    with pytest.raises(ConfigError, match=r"output.store .*/data: is inside the data folder data.uri"):
+        check_output_dir(OutputSettings(dir=str(tmp_path / "out"), store=str(folder)), data)
+    assert check_output_dir(OutputSettings(dir=str(tmp_path / "out"), store=str(tmp_path / "store")), data)
+    assert check_output_dir(OutputSettings(dir=str(folder / "out"), store=str(tmp_path / "store")),
+                            DataConfig(uri=str(folder / "train.json")))  # a file, not a folder: nothing to read back
+
+
+def test_a_file_path_with_a_tilde_is_read_from_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraflow.data import read_dataset
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_json(tmp_path / "train.json", rows(SHORT))
+    assert len(read_dataset("~/train.json").rows) == len(SHORT)

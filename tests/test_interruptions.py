@@ -33,7 +33,6 @@ from tests.hub_standin import HubStandIn
 from tests.local_stack import (
     alive, flow_run_processes, read_env_file, stack_env, stack_script, start_deployment_run, wait_for_state,
 )
-from tests.s3_server import free_port
 
 pytestmark = pytest.mark.slow  # the local stack and training runs
 
@@ -56,7 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (state / "webhook.env").write_text(f"LORAFLOW_WEBHOOK_SECRET={SENTINELS['webhook secret']}\n")
     with HubStandIn() as hub:
         # The worker's runs push to the Hub stand-in (offline mode would block even that; models are local files).
-        env = stack_env(state, BUCKET, LORAFLOW_WEBHOOK_PORT=str(free_port()), HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+        env = stack_env(state, BUCKET, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
         env.pop("HF_TOKEN", None)
         up = stack_script("up.sh", env)
         try:

@@ -42,7 +42,6 @@ from loraflow.webhook import sign
 from tests.conftest import TINY_CONFIG
 from tests.hub_standin import HubStandIn
 from tests.local_stack import read_env_file, stack_env, stack_script, wait_for_state
-from tests.s3_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +112,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     state = tmp_path_factory.mktemp("retrain-stack")
     alerts = AlertRecorder()
     with HubStandIn() as hub:
-        env = stack_env(state, BUCKET, LORAFLOW_WEBHOOK_PORT=str(free_port()), LORAFLOW_WEBHOOK_DEBOUNCE="1",
+        env = stack_env(state, BUCKET, LORAFLOW_WEBHOOK_DEBOUNCE="1",
                         LORAFLOW_ALERTS_URL=alerts.url, HF_ENDPOINT=hub.url, HF_TOKEN="hf_e2e_token",
                         HF_HUB_OFFLINE="0")
         started = time.monotonic()

@@ -89,8 +89,11 @@ LORAFLOW_WEBHOOK_SECRET=$(sed -n 's/^LORAFLOW_WEBHOOK_SECRET=//p' "$STACK/webhoo
 wait_for "http://127.0.0.1:$WEBHOOK_PORT/health" 60
 
 # The worker's flow runs read the store through the AwsCredentials block, not through keys in their env;
-# they send a heartbeat every 60 s for the zombie automation.
+# they send a heartbeat every 60 s for the zombie automation. The worker asks for new runs every 2 s (Prefect's
+# default is 10 s, on average 5 s between `prefect deployment run` and the run's process starting): one small
+# query against the server each time.
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
+export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2}
 start worker env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY LORAFLOW_AWS_CREDENTIALS_BLOCK=loraflow-s3 \
   "$BIN/prefect" worker start --pool gpu --name "loraflow-$(hostname)"
 
