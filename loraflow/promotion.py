@@ -3,7 +3,7 @@ champion), scored on the same eval examples by the same rule; the alias moves on
 
 The rule, in order (`decide`):
 1. smoke-infer refused the answers, or the quality gate (hub.*) failed: refused; the run fails anyway.
-2. no champion yet: the quality gate decides alone (passed or off: promoted).
+2. no champion yet: the quality gate decides alone (passed, or none configured: promoted, and the reason says which).
 3. the champion is this adapter (a rerun on unchanged inputs): kept, nothing moves.
 4. no accuracy (the eval outputs are no closed label set): refused, nothing to compare.
 5. the challenger's accuracy must exceed the champion's, by at least promote.min_improvement;
@@ -102,15 +102,19 @@ class Promotion(BaseModel):
 def decide(
     settings: PromoteSettings, failures: list[str], challenger_accuracy: float | None,
     champion_accuracy: float | None, test: PairedTest | None, has_champion: bool, is_champion: bool,
+    gate_on: bool = True,
 ) -> tuple[Decision, str]:
     """The decision and its reason, by the rule in the module docstring (pure: no I/O).
 
-    `failures` are smoke-infer's refusal and the quality gate's failures; `test` is None when there is no champion."""
+    `failures` are smoke-infer's refusal and the quality gate's failures; `test` is None when there is no champion;
+    `gate_on`: hub.min_eval_accuracy or hub.require_beat_base is set (the reason says when nothing was checked)."""
     if failures:
         return "refused", "; ".join(failures)
     if not has_champion:
-        return "promoted", "no champion yet: the quality gate decides alone, and it " + (
-            "is off" if challenger_accuracy is None else "passed")
+        if not gate_on or challenger_accuracy is None:
+            return "promoted", ("no champion yet, and no quality gate checked this adapter (set hub.min_eval_accuracy "
+                                "or hub.require_beat_base for one): the first adapter of the line is promoted as it is")
+        return "promoted", "no champion yet: the quality gate decides alone, and it passed"
     if is_champion:
         return "kept", f"this adapter is already {settings.alias}"
     if challenger_accuracy is None or champion_accuracy is None or test is None:
@@ -219,7 +223,8 @@ def promote(cfg: FinetuneConfig, backend: str, adapter: AdapterRef, inferred: In
                           champion_accuracy)
     del live  # the challenger's model is released once the champion is scored
     decision, reason = decide(settings, failures, inferred.accuracy, champion_accuracy, test,
-                              has_champion=champion_key is not None, is_champion=champion_key == adapter.key)
+                              has_champion=champion_key is not None, is_champion=champion_key == adapter.key,
+                              gate_on=cfg.hub.min_eval_accuracy is not None or cfg.hub.require_beat_base)
     promotion = base.model_copy(update={
         "decision": decision, "reason": reason, "champion_accuracy": champion_accuracy, "test": test,
         "improvement": None if champion_accuracy is None else inferred.accuracy - champion_accuracy,

@@ -135,10 +135,16 @@ def closed_label_set(train_rows: list[dict[str, Any]], eval_rows: list[dict[str,
 
 
 def row_identity(row: dict[str, Any]) -> str:
-    """A row as compared for copies: every field stripped, as the labels are (`' 积极 '` and `'积极'` are one label)."""
+    """A row as compared for copies: every field with its runs of whitespace made one space and trimmed, Unicode
+    NFKC-normalised (full-width to ASCII) and case-folded, so an eval row that is a training row retyped ("The  park",
+    "the park") is found as the copy it is."""
     if "messages" in row:
-        return json.dumps([(m["role"], m["content"].strip()) for m in row["messages"]], ensure_ascii=False)
-    return json.dumps([row[name].strip() for name in ("instruction", "input", "output")], ensure_ascii=False)
+        return json.dumps([(m["role"], comparable_text(m["content"])) for m in row["messages"]], ensure_ascii=False)
+    return json.dumps([comparable_text(row[name]) for name in ("instruction", "input", "output")], ensure_ascii=False)
+
+
+def comparable_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def template_fields(template: str, dataset: Dataset) -> tuple[str, ...]:

@@ -688,3 +688,12 @@ def test_a_file_path_with_a_tilde_is_read_from_home(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("HOME", str(tmp_path))
     write_json(tmp_path / "train.json", rows(SHORT))
     assert len(read_dataset("~/train.json").rows) == len(SHORT)
+
+
+def test_an_eval_row_retyped_from_a_training_row_is_still_a_copy() -> None:
+    from loraflow.prompts import row_identity
+
+    row = {"instruction": "Classify.", "input": "The park was full of happy families.", "output": "positive"}
+    retyped = {"instruction": "classify. ", "input": "The  park was full of\thappy families.", "output": "Ｐositive"}
+    assert row_identity(retyped) == row_identity(row)
+    assert row_identity({**row, "input": "The park was empty."}) != row_identity(row)

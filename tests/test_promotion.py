@@ -73,6 +73,8 @@ def test_decide_follows_the_rule_in_order() -> None:
     assert decide(on, ["smoke-infer: 3 of 9 answers are unusable"], None, None, None, True, False)[0] == "refused"
     assert decide(on, [], 0.7, None, None, has_champion=False, is_champion=False) == (
         "promoted", "no champion yet: the quality gate decides alone, and it passed")
+    decision, reason = decide(on, [], 0.2, None, None, has_champion=False, is_champion=False, gate_on=False)
+    assert decision == "promoted" and "no quality gate checked this adapter" in reason  # never "passed"
     assert decide(on, [], 0.9, 0.9, None, has_champion=True, is_champion=True)[0] == "kept"
     assert "not measured" in decide(on, [], None, None, None, has_champion=True, is_champion=False)[1]
     assert decide(on, [], 1.0, 0.2, strong, True, False)[0] == "promoted"
