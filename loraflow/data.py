@@ -81,6 +81,8 @@ def no_such_file(path: str) -> str:
 
 def read_local(path: str) -> bytes:
     file = Path(path).expanduser()  # `~/data/train.json`, as a folder URI is read
+    if file.is_dir():  # data.uri's folders are resolved to their newest file before this; data.eval_uri's are not
+        raise DatasetError(f"{path}: is a folder; name a data file here (only data.uri takes a folder: its newest file)")
     if not file.is_file():
         raise DatasetError(no_such_file(path))
     return file.read_bytes()

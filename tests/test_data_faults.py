@@ -697,3 +697,7 @@ def test_an_eval_row_retyped_from_a_training_row_is_still_a_copy() -> None:
     retyped = {"instruction": "classify. ", "input": "The  park was full of\thappy families.", "output": "Ｐositive"}
     assert row_identity(retyped) == row_identity(row)
     assert row_identity({**row, "input": "The park was empty."}) != row_identity(row)
+
+
+def test_an_eval_dataset_that_is_a_folder_is_named_as_one(tmp_path: Path) -> None:
+    dataset_error(tmp_path, "is a folder", "only data.uri takes a folder")
