@@ -1,5 +1,6 @@
 """`loraflow run`: validate the config and the data, then run the finetune flow. `loraflow store gc|verify`:
-maintain the artifact store (loraflow/store_gc.py, loraflow/store_verify.py).
+maintain the artifact store (loraflow/store_gc.py, loraflow/store_verify.py). `loraflow warm-pool`: keep a
+process with the backend imported for a process worker's next flow run (loraflow/warm.py).
 
 Exit codes: 0 success; 2 invalid usage, config or data (last stderr line `error: ...`, no traceback,
 nothing loaded); 1 any other failure (for `store verify`: a missing or corrupt object).
@@ -56,6 +57,12 @@ def build_parser() -> ArgumentParser:
     serve = webhook_commands.add_parser("serve", help="receive S3/SNS/MinIO upload notifications; emit Prefect events")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787)
+    warm = commands.add_parser("warm-pool", help="keep a process with the backend imported for the next flow run of "
+                                                 "a process worker (deployments run python -m loraflow.warm_start)")
+    warm.add_argument("--socket", help="Unix socket path (default $LORAFLOW_WARM_SOCKET, else "
+                                       "/tmp/loraflow-warm-<uid>.sock)")
+    warm.add_argument("--backend", default="auto", choices=("auto", "unsloth", "transformers"),
+                      help="what the spare imports: auto = Unsloth on CUDA where installed, else transformers")
     add_store_commands(commands)
     return parser
 
@@ -266,6 +273,21 @@ def webhook_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def warm_pool_command(args: argparse.Namespace) -> int:
+    import logging
+
+    from loraflow.warm import run_pool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        run_pool(args.socket, args.backend)
+    except ValueError as exc:
+        fail(EXIT_INPUT, str(exc))
+    except RuntimeError as exc:
+        fail(EXIT_FAILED, str(exc))
+    return EXIT_OK
+
+
 def store_command(args: argparse.Namespace) -> int:
     from loraflow.errors import LoraflowInputError, StoreDataError, StoreUnavailableError
 
@@ -302,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         return webhook_command(args)
     if args.command == "store":
         return store_command(args)
+    if args.command == "warm-pool":
+        return warm_pool_command(args)
     if args.command == "aliases":
         return aliases_command(args)
     if args.command == "promote":

@@ -9,38 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from loraflow.backends import LiveModel, local_device_index
 from loraflow.config import LoraSettings, ModelConfig
 from loraflow.logs import run_logger
+from loraflow.compile_cache import use_compile_cache
 from loraflow.memory import describe_decision, keep_gradient_checkpointing, measure_gpu
-from loraflow.models import cache_dir
 from loraflow.scoring import whole_row_log_likelihoods
-
-
-def compile_cache_dir() -> Path:
-    """Where Unsloth's generated modules and Inductor's and Triton's kernels go, per library versions.
-
-    Unsloth spends ~25 s at import writing patched modules and ~25 s in the first step compiling kernels; both
-    are cached on disk and reused by the next run. Under the project's cache folder (a volume on a worker
-    that should keep it) rather than /tmp, and keyed by versions so an upgrade never reads stale code.
-    """
-    versions = "-".join(metadata.version(name) for name in ("torch", "transformers", "unsloth", "unsloth_zoo"))
-    return cache_dir().parent / "compile" / versions.replace("+", "_")
-
-
-def use_compile_cache() -> None:
-    root = compile_cache_dir()
-    for variable, folder in (
-        ("UNSLOTH_COMPILE_LOCATION", "unsloth"),
-        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-        ("TRITON_CACHE_DIR", "triton"),
-    ):
-        os.environ.setdefault(variable, str(root / folder))  # an explicit setting wins
-
 
 use_compile_cache()
 

@@ -26,7 +26,10 @@ def mark(phase: str, at: float | None = None) -> None:
 
 
 def process_started_at() -> float | None:
-    """When this process started (epoch seconds), from /proc on Linux; None elsewhere."""
+    """When the run's process started (epoch seconds), from /proc on Linux; None elsewhere. In a warm process
+    (loraflow/warm.py), when the run's command started: the warm process itself was ready before."""
+    if os.environ.get("LORAFLOW_PROCESS_STARTED_AT"):
+        return float(os.environ["LORAFLOW_PROCESS_STARTED_AT"])
     try:
         return os.stat(f"/proc/{os.getpid()}").st_ctime
     except OSError:
@@ -35,7 +38,8 @@ def process_started_at() -> float | None:
 
 def phases(flow_run_id: str) -> dict[str, float]:
     """Seconds from the run's scheduled start (its submission) to the end of each phase, in the order they ended;
-    `submitted_at` and `process_started_at` are epoch seconds."""
+    `submitted_at` is epoch seconds. A run in a warm process also has `warm_process_ready`: when that process
+    had imported the backend, before the run was submitted (a negative offset)."""
     from prefect.runtime import flow_run
 
     marks = dict(_MARKS.get(flow_run_id, {}))
@@ -44,5 +48,7 @@ def phases(flow_run_id: str) -> dict[str, float]:
     started = process_started_at()
     if started is not None:
         marks.setdefault("process_started", started)
+    if os.environ.get("LORAFLOW_WARM_READY_AT"):
+        marks.setdefault("warm_process_ready", float(os.environ["LORAFLOW_WARM_READY_AT"]))
     offsets = {phase: round(at - submitted, 2) for phase, at in sorted(marks.items(), key=lambda item: item[1])}
     return {"submitted_at": round(submitted, 2), **offsets}

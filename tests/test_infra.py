@@ -166,7 +166,10 @@ def test_worker_dockerfile() -> None:
     # No ENTRYPOINT: docker/kubernetes workers pass `prefect flow-run execute`, which must replace CMD.
     assert not any(line.startswith("ENTRYPOINT") for line in instructions)
     [cmd] = [line for line in instructions if line.startswith("CMD")]
-    assert json.loads(cmd[len("CMD") :])[:5] == ["prefect", "worker", "start", "--pool", "gpu"]
+    shell, flag, script = json.loads(cmd[len("CMD") :])
+    # The warm pool in the background, then the worker as the container's main process (it gets the signals).
+    assert (shell, flag) == ("sh", "-c")
+    assert re.fullmatch(r"loraflow warm-pool & exec prefect worker start --pool gpu --limit 1", script)
     # Every COPY source exists in the project (the build context is the project root).
     root = INFRA.parent
     for line in instructions:

@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STACK=${LORAFLOW_STACK_DIR:-$PWD/.loraflow/stack}
-for name in worker webhook prefect-server s3; do
+for name in worker warm-pool webhook prefect-server s3; do
   pidfile=$STACK/pids/$name.pid
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")

@@ -4,7 +4,8 @@
 #   S3 server (nanio)        http://127.0.0.1:$LORAFLOW_S3_PORT (9000), bucket $LORAFLOW_BUCKET (loraflow)
 #   work pool `gpu` (process), blocks (AwsCredentials `loraflow-s3`, S3Bucket `loraflow-artifacts`), with
 #   $LORAFLOW_ALERTS_URL the notification block `loraflow-alerts` and the alert automations (infra/automations/),
-#   the deployments from infra/stack/prefect-local.yaml (prefect.yaml's three, on the CPU demo config), one worker.
+#   the deployments from infra/stack/prefect-local.yaml (prefect.yaml's three, on the CPU demo config), one worker,
+#   and the warm pool its finetune runs start in (`loraflow warm-pool`, socket $LORAFLOW_STACK_DIR/warm.sock).
 # Logs, PIDs, the S3 keys and the Prefect database live in $LORAFLOW_STACK_DIR (.loraflow/stack).
 # make stack-down stops what this started, by PID.
 set -euo pipefail
@@ -67,7 +68,7 @@ wait_for "$PREFECT_API_URL/health" 120
 "$BIN/python" "$ROOT/infra/stack/provision.py" --bucket "$BUCKET"
 "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process >/dev/null
 echo "  work pool gpu: ready"
-(cd "$ROOT" && "$BIN/prefect" --no-prompt deploy --all --prefect-file infra/stack/prefect-local.yaml \
+(cd "$ROOT" && LORAFLOW_PYTHON=$BIN/python "$BIN/prefect" --no-prompt deploy --all --prefect-file infra/stack/prefect-local.yaml \
   >"$STACK/logs/deploy.log" 2>&1) \
   || { echo "error: prefect deploy --all failed; see $STACK/logs/deploy.log" >&2; exit 1; }
 echo "  deployments: $(grep -c "Deployment '" "$STACK/logs/deploy.log" || true) from infra/stack/prefect-local.yaml"
@@ -94,6 +95,13 @@ wait_for "http://127.0.0.1:$WEBHOOK_PORT/health" 60
 # query against the server each time.
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
 export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2}
+# The warm pool (loraflow/warm.py): one process that has imported torch and transformers (Unsloth on a GPU) waits
+# for the next finetune run, whose command (python -m loraflow.warm_start) hands the run to it instead of paying
+# that import again; the pool then starts the next one. Same environment as the worker, or runs start cold.
+WARM_SOCKET=${LORAFLOW_WARM_SOCKET:-$STACK/warm.sock}
+[ ${#WARM_SOCKET} -le 107 ] || WARM_SOCKET=/tmp/loraflow-warm-$(printf %s "$STACK" | cksum | cut -d' ' -f1).sock
+export LORAFLOW_WARM_SOCKET=$WARM_SOCKET
+start warm-pool env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY "$BIN/python" -m cli warm-pool
 start worker env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY LORAFLOW_AWS_CREDENTIALS_BLOCK=loraflow-s3 \
   "$BIN/prefect" worker start --pool gpu --name "loraflow-$(hostname)"
 
