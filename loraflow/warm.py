@@ -91,12 +91,13 @@ def listen(path: str) -> socket.socket:
 
 def serve_one_run(path: str, backend: str) -> int:
     """The spare: import, then wait for one run, run it, and return its exit code."""
-    started, environment = time.time(), import_environment(dict(os.environ))  # before the imports add their own
+    started, before = time.time(), dict(os.environ)
     imported = preimport(backend)
     ready_at = time.time()
+    set_by_imports = {name: value for name, value in os.environ.items() if before.get(name) != value}
     server = listen(path)
     say(f"ready {os.getpid()} {', '.join(imported)} in {ready_at - started:.1f} s")
-    hello = {"pid": os.getpid(), "python": sys.executable, "environment": environment,
+    hello = {"pid": os.getpid(), "python": sys.executable, "environment": import_environment(before),
              "ready_at": ready_at}
     pool = os.getppid()
     server.settimeout(2.0)
@@ -113,7 +114,7 @@ def serve_one_run(path: str, backend: str) -> int:
         conn.close()
     server.close()
     say("taken")
-    return run_job(conn, job, fds, ready_at)
+    return run_job(conn, job, fds, ready_at, set_by_imports)
 
 
 def offer(conn: socket.socket, hello: dict[str, Any]) -> tuple[dict[str, Any] | None, list[int]]:
@@ -141,13 +142,15 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def adopt(job: dict[str, Any], fds: list[int], ready_at: float) -> None:
-    """Become the process the run's command would have started: its streams, environment, cwd and sys.path[0]."""
+def adopt(job: dict[str, Any], fds: list[int], ready_at: float, set_by_imports: dict[str, str]) -> None:
+    """Become the process the run's command would have started: its streams, cwd and sys.path[0], and its
+    environment as it would be after the same imports there (Unsloth and torch set variables they read later)."""
     for target, fd in zip((0, 1, 2), fds):
         os.dup2(fd, target)
         os.close(fd)
     os.environ.clear()
     os.environ.update(job["env"])
+    os.environ.update(set_by_imports)
     if job.get("started_at"):
         os.environ["LORAFLOW_PROCESS_STARTED_AT"] = str(job["started_at"])  # loraflow/timeline.py
     os.environ["LORAFLOW_WARM_READY_AT"] = str(ready_at)
@@ -157,10 +160,11 @@ def adopt(job: dict[str, Any], fds: list[int], ready_at: float) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_job(conn: socket.socket, job: dict[str, Any], fds: list[int], ready_at: float) -> int:
+def run_job(conn: socket.socket, job: dict[str, Any], fds: list[int], ready_at: float,
+            set_by_imports: dict[str, str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
-    adopt(job, fds, ready_at)
+    adopt(job, fds, ready_at, set_by_imports)
     finished = threading.Event()
     threading.Thread(target=end_if_orphaned, args=(conn, finished), daemon=True).start()
     code = run_module(job["module"], job["args"])

@@ -58,9 +58,21 @@ def flow_run_state(stack: dict, run_id: str) -> str:
     return response.json()["state"]["type"]
 
 
+def warm_spare_ready(stack: dict, timeout: float = 180) -> None:
+    """Until the stack's warm pool (loraflow/warm.py) has a spare with torch and transformers imported."""
+    log = stack["state"] / "logs" / "warm-pool.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and " ready " in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the warm pool had no spare ready within {timeout} s: {log.read_text(errors='replace')}")
+
+
 def test_manual_deployment_run_completes_into_the_bucket(stack: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     overrides = {"output": {"dir": str(out), "store": f"s3://{BUCKET}/runs"}}
+    warm_spare_ready(stack)
     started = time.monotonic()
     printed = prefect(stack, "deployment", "run", "finetune/manual",
                       "--param", "config_file=deployments/configs/tiny-cpu.yaml",
@@ -77,6 +89,10 @@ def test_manual_deployment_run_completes_into_the_bucket(stack: dict, tmp_path: 
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_loss_last"] < summary["train_loss_first"]
+    # It ran in the warm pool's spare: ready (its imports done) before the run was submitted, and the run's
+    # command handed over to it, no cold start.
+    assert summary["phases"]["warm_process_ready"] < 0 < summary["phases"]["process_started"]
+    assert "loraflow warm start:" not in worker_log
     adapter_prefix = summary["adapter_uri"].removeprefix(f"s3://{BUCKET}/")
     manifest = json.loads(stack["s3"].get_object(Bucket=BUCKET, Key=f"{adapter_prefix}/manifest.json")["Body"].read())
     assert "adapter_model.safetensors" in manifest["files"]

@@ -28,7 +28,8 @@ import json, os, signal, sys, time
 seen = {"pid": os.getpid(), "preloaded": sorted(m for m in ("torch", "transformers", "trl", "peft", "prefect", "loraflow")
                                              if m in sys.modules),
         "cwd": os.getcwd(), "value": os.environ.get("PROBE_VALUE"), "argv": sys.argv[1:], "path0": sys.path[0],
-        "started_at": os.environ.get("LORAFLOW_PROCESS_STARTED_AT"), "ready_at": os.environ.get("LORAFLOW_WARM_READY_AT")}
+        "started_at": os.environ.get("LORAFLOW_PROCESS_STARTED_AT"), "ready_at": os.environ.get("LORAFLOW_WARM_READY_AT"),
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 print(json.dumps(seen), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 def on_term(signum, frame):
@@ -111,6 +112,9 @@ def test_a_run_handed_to_the_spare_runs_there_with_its_environment_streams_and_e
     # The run's environment, working directory, sys.path[0], arguments, both streams and exit code.
     assert seen["value"] == "run-value" and seen["argv"] == ["first", "3"]
     assert seen["cwd"] == str(pool["work"]) == seen["path0"]
+    # What the imports set in the environment stays set, as in a process that imported them itself (torch's
+    # Inductor sets its cache folder; Unsloth sets variables it reads again at load).
+    assert "TORCHINDUCTOR_CACHE_DIR" not in pool["env"] and seen["inductor_cache"]
     assert "to stderr" in err and "loraflow warm start" not in err
     assert code == 3
     # The timeline's process start is the command's, and the spare was ready before it.
