@@ -144,7 +144,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else work / f"llama-{args.shape}-bf16"
     if not args.model and not (model_dir / "config.json").exists():
-        throughput.run_worker("build", [args.shape, str(model_dir)], out / "build.log")
+        built = throughput.run_worker("build", [args.shape, str(model_dir)], out / "build.log")
+        (work / f"llama-{args.shape}.params").write_text(str(built["params"]))  # as train_throughput.py keeps it
 
     api = f"http://127.0.0.1:{args.port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(work / "prefect-home-deployments"),
