@@ -201,6 +201,8 @@ def end_if_orphaned(conn: socket.socket, finished: threading.Event) -> None:
     except OSError:
         pass
     if not finished.is_set():
+        if os.getpgid(0) == os.getpid():  # the pool starts each spare in a session of its own
+            os.killpg(os.getpid(), signal.SIGKILL)  # and what the run started with it, as a group SIGKILL would
         os.kill(os.getpid(), signal.SIGKILL)
 
 

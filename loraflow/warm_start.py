@@ -5,7 +5,8 @@ Unsloth, torch and transformers before the first task. With `loraflow warm-pool`
 (loraflow/warm.py), this command instead hands the run to the pool's spare process, which has already imported
 them: it sends the spare its environment, working directory and arguments, and passes its standard input, output
 and error (SCM_RIGHTS over a Unix socket), so the run's output goes where the worker reads it. It then waits for
-the spare to end and exits with its code, forwarding SIGTERM and SIGINT to it (a cancel reaches the run).
+the spare to end and exits with its code, forwarding SIGTERM, SIGINT and SIGHUP to the spare's process group (a
+cancel reaches the run); if this command is killed, the spare kills its group too (loraflow/warm.py).
 
 Nothing is lost without a pool: when no spare answers at the socket, or the spare was started with another
 interpreter or another import-time environment (CUDA_VISIBLE_DEVICES, HF_*, ... see IMPORT_TIME_PREFIXES), this
@@ -94,11 +95,16 @@ def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, s
 
 
 def forward_signals(pid: int) -> None:
+    """SIGTERM, SIGINT and SIGHUP here go to the spare's process group (the spare leads one): a cancel reaches
+    the run and whatever it started, as the worker's signal to this command's group would have."""
     def forward(signum: int, _frame: Any) -> None:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+            os.killpg(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)

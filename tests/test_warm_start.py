@@ -24,8 +24,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 PROBE = '''
-import json, os, signal, sys, time
-seen = {"pid": os.getpid(), "preloaded": sorted(m for m in ("torch", "transformers", "trl", "peft", "prefect", "loraflow")
+import json, os, signal, subprocess, sys, time
+child = subprocess.Popen(["sleep", "120"]) if "sleep" in sys.argv else None  # something the run started
+seen = {"child": child.pid if child else None, "pid": os.getpid(), "preloaded": sorted(m for m in ("torch", "transformers", "trl", "peft", "prefect", "loraflow")
                                              if m in sys.modules),
         "cwd": os.getcwd(), "value": os.environ.get("PROBE_VALUE"), "argv": sys.argv[1:], "path0": sys.path[0],
         "started_at": os.environ.get("LORAFLOW_PROCESS_STARTED_AT"), "ready_at": os.environ.get("LORAFLOW_WARM_READY_AT"),
@@ -130,29 +131,32 @@ def test_the_pool_starts_the_next_spare_for_the_next_run(pool: dict) -> None:
     assert second["pid"] == following != spare and code == 0
 
 
-def test_sigterm_to_the_command_reaches_the_run(pool: dict) -> None:
+def test_sigterm_to_the_command_reaches_the_run_and_what_it_started(pool: dict) -> None:
     spare = idle_spare(pool)
     run = start_run(pool, "sleep")
-    assert json.loads(run.stdout.readline())["pid"] == spare
-    run.send_signal(signal.SIGTERM)  # what a cancel sends the run's process
+    seen = json.loads(run.stdout.readline())
+    assert seen["pid"] == spare
+    run.send_signal(signal.SIGTERM)  # what a cancel sends the run's process group
     out, _ = run.communicate(timeout=30)
     assert "got SIGTERM" in out and run.returncode == 143
     deadline = time.monotonic() + 10
-    while not gone(spare) and time.monotonic() < deadline:
+    while not (gone(spare) and gone(seen["child"])) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert gone(spare)
+    assert gone(spare) and gone(seen["child"])
 
 
 def test_sigkill_to_the_command_ends_the_run_at_once(pool: dict) -> None:
     spare = idle_spare(pool)
     run = start_run(pool, "sleep")
-    assert json.loads(run.stdout.readline())["pid"] == spare
+    seen = json.loads(run.stdout.readline())
+    assert seen["pid"] == spare
     run.kill()  # the OOM killer, or the worker's SIGKILL after a cancel's grace period
     run.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while not gone(spare) and time.monotonic() < deadline:
+    while not (gone(spare) and gone(seen["child"])) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gone(spare), "the spare kept running a run whose process was killed"
+    assert gone(seen["child"]), "what the run started outlived it"
 
 
 def test_a_run_with_another_import_time_environment_starts_cold_and_says_why(pool: dict) -> None:
