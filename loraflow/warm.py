@@ -33,7 +33,7 @@ import traceback
 from importlib import util
 from typing import Any
 
-from loraflow.warm_start import MESSAGE_BYTES, import_environment, socket_path
+from loraflow.warm_start import MESSAGE_BYTES, import_environment, peer_user, socket_path
 
 log = logging.getLogger("loraflow.warm")
 
@@ -120,6 +120,9 @@ def serve_one_run(path: str, backend: str) -> int:
 def offer(conn: socket.socket, hello: dict[str, Any]) -> tuple[dict[str, Any] | None, list[int]]:
     """One client: the hello, then its job and its three standard streams, or its reason to decline."""
     try:
+        if peer_user(conn)[1] != os.getuid():  # the socket is mode 600; and the kernel says who connected
+            log.warning("a process of another user connected; refused")
+            return None, []
         conn.settimeout(10)
         conn.send(json.dumps(hello).encode())
         data, fds, _flags, _addr = socket.recv_fds(conn, MESSAGE_BYTES, 3)
@@ -266,6 +269,10 @@ def run_pool(path: str | None = None, backend: str = "auto") -> None:
     path = path or socket_path()
     if len(path.encode()) > 107:
         raise ValueError(f"the warm pool's socket path is {len(path.encode())} bytes; Unix sockets allow 107: {path}")
+    try:
+        socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET).close()
+    except (AttributeError, OSError) as exc:
+        raise RuntimeError(f"the warm pool needs SOCK_SEQPACKET Unix sockets (Linux): {exc}; runs start cold") from exc
     pool = Pool(path, backend)
     signal.signal(signal.SIGTERM, pool.stop)
     signal.signal(signal.SIGINT, pool.stop)

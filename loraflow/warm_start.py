@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 from typing import Any, NoReturn
 
@@ -56,6 +57,13 @@ def environment_difference(spare: dict[str, str], ours: dict[str, str]) -> str:
                      for name in names[:3])
 
 
+def peer_user(conn: socket.socket) -> tuple[int, int]:
+    """(PID, UID) of the process at the other end of a connected Unix socket, from the kernel (SO_PEERCRED):
+    the run's environment holds secrets, so it goes only to a process of the same user."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
 def process_started_at(pid: int) -> float | None:
     try:
         return os.stat(f"/proc/{pid}").st_ctime
@@ -76,6 +84,9 @@ def receive(conn: socket.socket) -> dict[str, Any] | None:
 
 def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, str]:
     """Offer the job to the spare: (its PID, '') once it has it, else (0, why not) and nothing was handed over."""
+    pid, uid = peer_user(conn)
+    if uid != os.getuid():
+        return 0, f"the process at the socket runs as user {uid}, not {os.getuid()}"
     hello = receive(conn)
     if hello is None:
         return 0, "the warm process closed the connection"
@@ -88,7 +99,6 @@ def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, s
         return 0, f"the warm process was started with another environment ({reason})"
     job = {"module": module, "args": args, "env": dict(os.environ), "cwd": os.getcwd(),
            "started_at": process_started_at(os.getpid())}
-    pid = int(hello["pid"])
     forward_signals(pid)  # from here on a cancel must reach the spare, which may already be running the job
     socket.send_fds(conn, [json.dumps({"job": job}).encode()], [0, 1, 2])
     return pid, ""

@@ -194,3 +194,32 @@ def test_a_socket_path_too_long_for_unix_sockets_is_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "cli", "warm-pool", "--socket", "/tmp/" + "x" * 120], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Unix sockets allow 107" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to listen as another user")
+def test_the_run_environment_goes_to_no_process_of_another_user(tmp_path: Path) -> None:
+    """A socket at the pool's path that another user's process listens on (the default path is in /tmp) gets
+    no hello answered and nothing of the run: the run's environment holds its secrets."""
+    folder = Path(tempfile.mkdtemp(prefix="lfw-", dir="/tmp"))
+    folder.chmod(0o777)
+    path = folder / "other.sock"
+    listener = ("import os, socket, sys, time\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o777)\n"
+                "s.listen(1); print('listening', flush=True)\n"
+                "c, _ = s.accept(); c.settimeout(5)\n"
+                "try:\n    print('received', len(c.recv(1 << 20)), flush=True)\nexcept OSError as e:\n    print('nothing', e, flush=True)\n")
+    other = subprocess.Popen([sys.executable, "-c", listener, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "listening"
+        (tmp_path / "probe.py").write_text(PROBE)
+        state = {"env": {**os.environ, "LORAFLOW_WARM_SOCKET": str(path), "SECRET_FOR_THE_RUN": "s3cr3t"},
+                 "work": tmp_path}
+        run = start_run(state, "0")
+        code, seen, _, err = finish(run)
+        assert seen["pid"] == run.pid and code == 0  # the run started cold, here
+        assert "runs as user 65534" in err
+        assert other.stdout.readline().split()[:2] in (["received", "0"], ["nothing"])  # no job, no environment
+    finally:
+        other.kill()
+        shutil.rmtree(folder, ignore_errors=True)
