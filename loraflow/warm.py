@@ -97,8 +97,7 @@ def serve_one_run(path: str, backend: str) -> int:
     set_by_imports = {name: value for name, value in os.environ.items() if before.get(name) != value}
     server = listen(path)
     say(f"ready {os.getpid()} {', '.join(imported)} in {ready_at - started:.1f} s")
-    hello = {"pid": os.getpid(), "python": sys.executable, "environment": import_environment(before),
-             "ready_at": ready_at}
+    hello = {"python": sys.executable, "environment": import_environment(before)}  # what the command compares
     pool = os.getppid()
     server.settimeout(2.0)
     while True:
