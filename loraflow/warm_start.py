@@ -36,6 +36,8 @@ HANDSHAKE_SECONDS = 10.0
 IMPORT_TIME_PREFIXES = ("CUDA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "UNSLOTH_", "TORCH", "PYTORCH_", "TRITON_",
                         "BNB_", "XFORMERS_", "OMP_", "MKL_", "LD_")
 IMPORT_TIME_NAMES = ("LORAFLOW_CACHE_DIR", "HOME", "XDG_CACHE_HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONNOUSERSITE")
+# Credentials are read when used (HF_TOKEN by huggingface_hub at each request), never compared, never printed.
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
 def socket_path() -> str:
@@ -47,14 +49,15 @@ def import_environment(env: dict[str, str]) -> dict[str, str]:
     """The part of an environment that a process has already used once torch, transformers and Unsloth are
     imported; two processes can run the same job only where these agree."""
     return {name: value for name, value in sorted(env.items())
-            if name.startswith(IMPORT_TIME_PREFIXES) or name in IMPORT_TIME_NAMES}
+            if (name.startswith(IMPORT_TIME_PREFIXES) or name in IMPORT_TIME_NAMES)
+            and not any(word in name for word in SECRET_WORDS)}
 
 
 def environment_difference(spare: dict[str, str], ours: dict[str, str]) -> str:
-    """'' where the two import-time environments agree, else the first differing variables, for the log line."""
+    """'' where the two import-time environments agree, else the names that differ, for the log line (names
+    only: a value may be a path a user would rather not print, and the line goes to the run's log)."""
     names = sorted(name for name in set(spare) | set(ours) if spare.get(name) != ours.get(name))
-    return ", ".join(f"{name}={ours.get(name, '(unset)')!r} here, {spare.get(name, '(unset)')!r} there"
-                     for name in names[:3])
+    return ", ".join(names)
 
 
 def peer_user(conn: socket.socket) -> tuple[int, int]:
@@ -96,7 +99,7 @@ def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, s
         reason = environment_difference(hello["environment"], import_environment(dict(os.environ)))
     if reason:
         conn.send(json.dumps({"decline": reason}).encode())
-        return 0, f"the warm process was started with another environment ({reason})"
+        return 0, f"the warm process was started with other values of {reason}"
     job = {"module": module, "args": args, "env": dict(os.environ), "cwd": os.getcwd(),
            "started_at": process_started_at(os.getpid())}
     forward_signals(pid)  # from here on a cancel must reach the spare, which may already be running the job

@@ -30,7 +30,7 @@ seen = {"child": child.pid if child else None, "pid": os.getpid(), "preloaded": 
                                              if m in sys.modules),
         "cwd": os.getcwd(), "value": os.environ.get("PROBE_VALUE"), "argv": sys.argv[1:], "path0": sys.path[0],
         "started_at": os.environ.get("LORAFLOW_PROCESS_STARTED_AT"), "ready_at": os.environ.get("LORAFLOW_WARM_READY_AT"),
-        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "has_token": "HF_TOKEN" in os.environ}
 print(json.dumps(seen), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 def on_term(signum, frame):
@@ -161,14 +161,18 @@ def test_sigkill_to_the_command_ends_the_run_at_once(pool: dict) -> None:
 
 def test_a_run_with_another_import_time_environment_starts_cold_and_says_why(pool: dict) -> None:
     spare = idle_spare(pool)
-    run = start_run(pool, "0", CUDA_VISIBLE_DEVICES="7")
+    run = start_run(pool, "0", CUDA_VISIBLE_DEVICES="7", HF_HOME="/srv/private-hf-home")
     code, seen, _, err = finish(run)
     assert seen["pid"] == run.pid  # the command became the run itself (exec), as without a pool
-    assert "another environment" in err and "CUDA_VISIBLE_DEVICES='7' here" in err and code == 0
+    assert "other values of CUDA_VISIBLE_DEVICES, HF_HOME" in err and code == 0
+    assert "/srv/private-hf-home" not in err  # names, never values
     assert "torch" not in seen["preloaded"]
-    # The spare declined and is still there for the next run.
-    code, seen, _, _ = finish(start_run(pool, "0"))
-    assert seen["pid"] == spare and code == 0
+    # The spare declined and is still there for the next run; a credential of the run's own (read when used,
+    # never compared) does not send it elsewhere, and it is in the run's environment, not in its output.
+    run = start_run(pool, "0", HF_TOKEN="hf_run_secret_value")
+    code, seen, out, err = finish(run)
+    assert seen["pid"] == spare and seen["has_token"] and code == 0
+    assert "hf_run_secret_value" not in out + err
 
 
 def test_without_a_pool_the_run_starts_cold_and_says_why(tmp_path: Path) -> None:
