@@ -48,7 +48,9 @@ def pool() -> Iterator[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="lfw-", dir="/tmp"))  # a Unix socket path has at most 107 bytes
     socket = folder / "warm.sock"
     env = {**os.environ, "LORAFLOW_WARM_SOCKET": str(socket)}
-    env.pop("LORAFLOW_PROCESS_STARTED_AT", None)
+    # This test process may have imported torch already, which sets its Inductor cache folder here: the pool and
+    # the runs start without it, as from a worker's shell.
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     process = subprocess.Popen([sys.executable, "-m", "cli", "warm-pool"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(folder / "pool.log", "w"), start_new_session=True)
     work = folder / "run"
