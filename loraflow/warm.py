@@ -260,7 +260,10 @@ class Pool:
         self.stopping = True
         idle = getattr(self, "idle", None)
         if idle is not None and idle.poll() is None and idle not in self.busy:
-            os.killpg(idle.pid, signal.SIGTERM)
+            try:
+                os.killpg(idle.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
 
 
 def run_pool(path: str | None = None, backend: str = "auto") -> None:
