@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import time
 
+from loraflow.warm_start import process_start_time
+
 _MARKS: dict[str, dict[str, float]] = {}
 
 
@@ -30,10 +32,7 @@ def process_started_at() -> float | None:
     (loraflow/warm.py), when the run's command started: the warm process itself was ready before."""
     if os.environ.get("LORAFLOW_PROCESS_STARTED_AT"):
         return float(os.environ["LORAFLOW_PROCESS_STARTED_AT"])
-    try:
-        return os.stat(f"/proc/{os.getpid()}").st_ctime
-    except OSError:
-        return None
+    return process_start_time(os.getpid())
 
 
 def phases(flow_run_id: str) -> dict[str, float]:

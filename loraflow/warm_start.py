@@ -67,7 +67,8 @@ def peer_user(conn: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def process_started_at(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (epoch seconds), from /proc on Linux; None elsewhere."""
     try:
         return os.stat(f"/proc/{pid}").st_ctime
     except OSError:
@@ -101,7 +102,7 @@ def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, s
         conn.send(json.dumps({"decline": reason}).encode())
         return 0, f"the warm process was started with other values of {reason}"
     job = {"module": module, "args": args, "env": dict(os.environ), "cwd": os.getcwd(),
-           "started_at": process_started_at(os.getpid())}
+           "started_at": process_start_time(os.getpid())}
     forward_signals(pid)  # from here on a cancel must reach the spare, which may already be running the job
     socket.send_fds(conn, [json.dumps({"job": job}).encode()], [0, 1, 2])
     return pid, ""
