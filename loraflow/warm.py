@@ -214,6 +214,7 @@ class Pool:
     def __init__(self, path: str, backend: str) -> None:
         self.path, self.backend = path, backend
         self.busy: list[subprocess.Popen[str]] = []
+        self.idle: subprocess.Popen[str] | None = None
         self.stopping = False
 
     def start_spare(self) -> subprocess.Popen[str]:
@@ -258,7 +259,7 @@ class Pool:
     def stop(self, *_: Any) -> None:
         """Stop the idle spare (it holds no run) and the loop; spares running a run are left to finish it."""
         self.stopping = True
-        idle = getattr(self, "idle", None)
+        idle = self.idle
         if idle is not None and idle.poll() is None and idle not in self.busy:
             try:
                 os.killpg(idle.pid, signal.SIGTERM)
