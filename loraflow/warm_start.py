@@ -108,10 +108,14 @@ def hand_over(conn: socket.socket, module: str, args: list[str]) -> tuple[int, s
     return pid, ""
 
 
+FORWARDED: list[int] = []  # the signals forward_signals passed on, in order
+
+
 def forward_signals(pid: int) -> None:
     """SIGTERM, SIGINT and SIGHUP here go to the spare's process group (the spare leads one): a cancel reaches
     the run and whatever it started, as the worker's signal to this command's group would have."""
     def forward(signum: int, _frame: Any) -> None:
+        FORWARDED.append(signum)
         try:
             os.killpg(pid, signum)
         except (ProcessLookupError, PermissionError):
@@ -125,16 +129,21 @@ def forward_signals(pid: int) -> None:
 
 
 def wait_for_exit(conn: socket.socket) -> int:
-    """The spare's exit code; the connection closes when the spare's process ends (its socket is not inherited)."""
-    code = 1
+    """The spare's exit code; the connection closes when the spare's process ends (its socket is not inherited).
+    A spare that ended without sending one after a forwarded signal died of it: 128 + the signal's number, as a
+    shell reports a process killed by a signal (143 for SIGTERM); otherwise 1."""
+    code: int | None = None
     while True:
         try:
             message = receive(conn)
         except InterruptedError:
             continue
         if message is None:
-            return code
-        code = int(message.get("exit", code))
+            break
+        code = int(message.get("exit", 1))
+    if code is not None:
+        return code
+    return 128 + FORWARDED[-1] if FORWARDED else 1
 
 
 def main(argv: list[str] | None = None) -> int:

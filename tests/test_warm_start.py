@@ -31,12 +31,13 @@ seen = {"child": child.pid if child else None, "pid": os.getpid(), "preloaded": 
         "cwd": os.getcwd(), "value": os.environ.get("PROBE_VALUE"), "argv": sys.argv[1:], "path0": sys.path[0],
         "started_at": os.environ.get("LORAFLOW_PROCESS_STARTED_AT"), "ready_at": os.environ.get("LORAFLOW_WARM_READY_AT"),
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "has_token": "HF_TOKEN" in os.environ}
-print(json.dumps(seen), flush=True)
-print("to stderr", file=sys.stderr, flush=True)
 def on_term(signum, frame):
     print("got SIGTERM", flush=True)
     sys.exit(143)
-signal.signal(signal.SIGTERM, on_term)
+if "default-sigterm" not in sys.argv:  # installed before the line the test waits for, which then may signal
+    signal.signal(signal.SIGTERM, on_term)
+print(json.dumps(seen), flush=True)
+print("to stderr", file=sys.stderr, flush=True)
 if "sleep" in sys.argv:
     time.sleep(120)
 sys.exit(int(sys.argv[-1]) if sys.argv[-1].isdigit() else 0)
@@ -145,6 +146,24 @@ def test_sigterm_to_the_command_reaches_the_run_and_what_it_started(pool: dict) 
     while not (gone(spare) and gone(seen["child"])) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gone(spare) and gone(seen["child"])
+
+
+def test_a_run_that_died_of_a_forwarded_signal_exits_as_a_shell_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraflow import warm_start
+    import socket
+
+    monkeypatch.setattr(warm_start, "FORWARDED", [signal.SIGTERM])
+    command, spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spare.close()  # the spare died of the SIGTERM it was sent, with no exit code of its own
+    assert warm_start.wait_for_exit(command) == 128 + signal.SIGTERM == 143
+    command, spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spare.send(json.dumps({"exit": 0}).encode())  # it handled the signal and finished cleanly
+    spare.close()
+    assert warm_start.wait_for_exit(command) == 0
+    monkeypatch.setattr(warm_start, "FORWARDED", [])
+    command, spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spare.close()  # it vanished unsignalled (the OOM killer): a failure, never a success
+    assert warm_start.wait_for_exit(command) == 1
 
 
 def test_sigkill_to_the_command_ends_the_run_at_once(pool: dict) -> None:
