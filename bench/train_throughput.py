@@ -250,10 +250,11 @@ def held_out_loss(live: Any, prompts: Any) -> float:
 
 NOTEBOOK_VARIANTS = {
     "notebook": "the notebook's configuration: 4 × 4 unpacked, padding as Unsloth decides (padding-free rows), "
-                "Unsloth's gradient checkpointing",
-    "packed": "the project's defaults (train.packing auto, lora.gradient_checkpointing auto): the step's 16 "
-              "examples in one padding-free row, checkpointing off where the activations fit",
+                "Unsloth's gradient checkpointing, adamw_8bit",
+    "packed": "the project's defaults (train.packing auto, lora.gradient_checkpointing auto, optimizer auto): the "
+              "step's 16 examples in one padding-free row, checkpointing off where the activations fit, fused AdamW",
     "packed-ckpt": "packed, with Unsloth's gradient checkpointing forced on",
+    "packed-8bit": "packed, with the notebook's adamw_8bit instead of auto's fused AdamW",
     "segments": "packed, but attention as Unsloth does it on torch 2.11: one SDPA call per example",
     "merged": "unpacked, accumulation folded into the batch: one padded 16-row micro-batch per step",
     "trl": "TRL's own packing: 4 × 4 bin-packed rows of 2,048 tokens (3 optimizer steps for 960 examples)",
@@ -264,10 +265,13 @@ def notebook_variant(name: str, base: Any, unpacked_steps: int) -> tuple[Any, di
     """(train settings, SFTConfig fields to force, flash varlen on) for a variant of the notebook workload;
     `packed.2` is a repeat of `packed`."""
     name = name.split(".")[0]
-    if name == "notebook":
-        return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps}), {"padding_free": None}, True
+    if name == "notebook":  # the notebook's SFTConfig: optim="adamw_8bit", its rows as Unsloth's trainer makes them
+        return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps, "optimizer": "adamw_8bit"}), \
+            {"padding_free": None}, True
     if name in ("packed", "packed-ckpt"):
         return base.model_copy(update={"packing": "auto"}), {}, True
+    if name == "packed-8bit":  # the project's defaults but the notebook's optimizer: what `optimizer: auto` buys
+        return base.model_copy(update={"packing": "auto", "optimizer": "adamw_8bit"}), {}, True
     if name == "segments":
         return base.model_copy(update={"packing": "auto"}), {}, False
     if name == "merged":

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.batching import BatchLayout
-from loraflow.config import LoraSettings, TrainSettings
+from loraflow.config import LoraSettings, TrainSettings, resolved_optimizer
 
 
 def build_bnb_config(dtype: Any) -> Any:
@@ -46,7 +46,6 @@ def build_sft_config(
     import torch
     from trl import SFTConfig
 
-    optimizer = train.optimizer if train.optimizer != "auto" else ("adamw_8bit" if on_cuda else "adamw_torch")
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=layout.batch_size,
@@ -55,7 +54,7 @@ def build_sft_config(
         max_steps=train.max_steps or -1,
         num_train_epochs=train.num_epochs or 1.0,
         learning_rate=train.learning_rate,
-        optim=optimizer,
+        optim=resolved_optimizer(train.optimizer, on_cuda),
         weight_decay=train.weight_decay,
         lr_scheduler_type=train.lr_scheduler,
         seed=train.seed,

@@ -8,7 +8,7 @@ from importlib import metadata
 from typing import Any
 
 from loraflow.backends import cuda_available
-from loraflow.config import FinetuneConfig
+from loraflow.config import FinetuneConfig, resolved_optimizer
 from loraflow.fingerprint import dataset_fingerprint, stable_hash
 
 TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo")
@@ -50,6 +50,9 @@ def train_key(
     checkpoint interval, the number of ranks or the timeout), backend, device kind and library versions. Not on
     infer, output, hub or promote settings."""
     parts = [] if parent is None else [{"init_adapter": parent}]  # a fresh start keeps the keys of earlier versions
+    if cfg.train.optimizer == "auto" and cuda_available():
+        # auto trained with adamw_8bit on CUDA before it meant adamw_torch_fused: those adapters are not these
+        parts.append({"optimizer": resolved_optimizer("auto", on_cuda=True)})
     return stable_hash(
         *parts,
         data_sha256,

@@ -124,6 +124,20 @@ class LoraSettings(Section):
         return str(value).lower() if isinstance(value, bool) else value
 
 
+def resolved_optimizer(name: str, on_cuda: bool) -> str:
+    """The Hugging Face `optim` name that train.optimizer `name` trains with; any name but "auto" is kept.
+
+    auto = adamw_torch_fused on CUDA, adamw_torch on a CPU. Only the adapter is trained, so its optimizer state is
+    small in 32-bit (8B at r=16 on 7 modules: 42 M parameters, 2 × 4 B × 42 M = 336 MB of Adam moments; 84 MB in
+    bitsandbytes' 8-bit), and the fused kernel updates all 448 adapter tensors in a few launches where the
+    notebook's adamw_8bit launches one kernel per tensor from Python: on an 8B step of ~0.25 s that host time
+    shows (docs/benchmarks.md, "The optimizer of `auto`").
+    """
+    if name != "auto":
+        return name
+    return "adamw_torch_fused" if on_cuda else "adamw_torch"
+
+
 class TrainSettings(Section):
     per_device_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
@@ -131,7 +145,9 @@ class TrainSettings(Section):
     max_steps: int | None = Field(60, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
     num_epochs: float | None = Field(None, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
-    optimizer: str = Field("auto", description="auto = adamw_8bit on CUDA, adamw_torch on CPU; or any HF optim name.")
+    optimizer: str = Field(
+        "auto", description="auto = adamw_torch_fused on CUDA, adamw_torch on CPU (resolved_optimizer); or any HF optim name."
+    )
     weight_decay: float = Field(0.01, ge=0)
     lr_scheduler: str = "linear"
     seed: int = 3407

@@ -212,3 +212,20 @@ def test_the_device_kind_changes_the_key(monkeypatch: pytest.MonkeyPatch) -> Non
     on_cpu = key_of(cfg)
     monkeypatch.setattr(loraflow.cache_keys, "cuda_available", lambda: True)
     assert key_of(cfg) != on_cpu
+
+
+def test_auto_optimizer_keys_name_what_it_trains_with_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimizer auto meant adamw_8bit on CUDA before it meant adamw_torch_fused: an adapter trained under the old
+    meaning is not served for the new one; an optimizer named outright keeps its key."""
+    import loraflow.cache_keys
+    import loraflow.config
+
+    monkeypatch.setattr(loraflow.cache_keys, "cuda_available", lambda: True)
+    cfg = config("train.optimizer=auto")
+    fused_auto = key_of(cfg)
+    monkeypatch.setattr(loraflow.cache_keys, "resolved_optimizer", lambda name, on_cuda: "adamw_8bit")
+    assert key_of(cfg) != fused_auto  # another resolution of auto, another key
+    named = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "adamw_8bit"})})
+    named_key = key_of(named)
+    monkeypatch.setattr(loraflow.cache_keys, "resolved_optimizer", loraflow.config.resolved_optimizer)
+    assert key_of(named) == named_key  # a named optimizer's key does not depend on what auto means
