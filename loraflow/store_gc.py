@@ -15,13 +15,15 @@ What a pass finds deletable (a "candidate"), by kind:
     checkpoint of an expired adapter                                 adapters/<key> goes
     abandoned checkpoint                                             no adapters/<key>, newest checkpoint older than
                                                                      `candidate_retention_days`
+    superseded compile cache compile-cache/<tag>/<digest>/           its tag's latest.json names another folder (each
+                                                                     publish is a superset), and older than `grace`
     summary                  summaries/<run>.json, summaries/<run>/  older than `retention_days`
     Prefect result           results/...                             older than `retention_days`
     prompt set               prompts/<sha256>.json                   older than `retention_days` (rewritten by every
                                                                      training on more than one rank that reads it)
 
-Everything else (aliases/, gc/, datasets or anything under the store's prefix that loraflow did not write) is
-never touched. Aliases are read from aliases/<line>.json ({"line", "aliases": {name: {"adapter_key"}}, "history"});
+Everything else (aliases/, gc/, the compile caches' latest.json pointers, datasets or anything under the store's
+prefix that loraflow did not write) is never touched. Aliases are read from aliases/<line>.json ({"line", "aliases": {name: {"adapter_key"}}, "history"});
 every adapter a current alias points at is kept, and so is every adapter a kept summary's `adapter_uri` names.
 
 Two phases, so a pass is safe while runs write: a candidate is only *marked* (gc/marks.json, with the time);
@@ -46,7 +48,7 @@ from loraflow.errors import ConfigError, StoreDataError
 from loraflow.manifest import MANIFEST
 from loraflow.store import open_store
 from loraflow.store_objects import (
-    FOLDER_DEPTH, LocalObjects, ObjectAccess, StoredObject, human_bytes, is_hidden, listed_objects,
+    FOLDER_DEPTH, POINTER_NAMES, LocalObjects, ObjectAccess, StoredObject, human_bytes, is_hidden, listed_objects,
     maintenance_logger, object_access, read_manifest,
 )
 
@@ -188,6 +190,7 @@ class Inventory:
     blobs: list[StoredObject]
     summaries: dict[str, list[StoredObject]]  # run id -> summaries/<id>.json and summaries/<id>/*
     results: list[StoredObject]  # Prefect results and the prompt sets of multi-rank trainings
+    pointers: list[StoredObject] = field(default_factory=list)  # compile-cache/<tag>/latest.json
 
 
 def take_inventory(access: ObjectAccess) -> Inventory:
@@ -198,6 +201,9 @@ def take_inventory(access: ObjectAccess) -> Inventory:
     for category, depth in FOLDER_DEPTH.items():
         for obj in access.list(f"{category}/"):
             parts = obj.key.split("/")
+            if len(parts) == depth and parts[-1] == POINTER_NAMES.get(category):
+                inventory.pointers.append(obj)  # read below; never deleted
+                continue
             folder = "/".join(parts[:depth])
             if len(parts) <= depth or is_hidden(folder):  # a temporary file or staging folder where folders live
                 hidden[folder if len(parts) > depth else obj.key].append(obj)
@@ -245,6 +251,19 @@ def summary_adapter(access: ObjectAccess, objects: list[StoredObject]) -> str | 
             except (FileNotFoundError, ValueError, AttributeError):
                 maintenance_logger().warning("store gc: %s could not be read; it keeps no adapter", obj.key)
     return None
+
+
+def compile_caches_named(access: ObjectAccess, pointers: list[StoredObject]) -> set[str]:
+    """The compile-cache folders that their tag's latest.json names (loraflow/compile_cache.py): kept. A pointer that
+    cannot be read keeps every folder of its tag."""
+    named = set()
+    for pointer in pointers:
+        try:
+            named.add(str(json.loads(access.read(pointer.key))["key"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            maintenance_logger().warning("store gc: %s could not be read; its compile caches are kept", pointer.key)
+            named.add(pointer.key.rsplit("/", 1)[0] + "/")
+    return named
 
 
 def find_candidates(access: ObjectAccess, inventory: Inventory, policy: GcPolicy, now: float) -> list[GcItem]:
@@ -295,6 +314,14 @@ def find_candidates(access: ObjectAccess, inventory: Inventory, policy: GcPolicy
             candidates.append(folder_item("merged model", merged, f"{adapter} goes"))
         elif adapter not in published and age_days(manifest_object(merged)) > policy.candidate_retention_days:
             candidates.append(folder_item("merged model", merged, f"{adapter} is gone"))
+
+    named = compile_caches_named(access, inventory.pointers)
+    for folder in sorted(f for f in inventory.folders if f.startswith("compile-cache/")):
+        age = now - manifest_object(folder).modified
+        kept = folder in named or folder.rsplit("/", 1)[0] + "/" in named
+        if not kept and age > grace:  # a publish names its folder just after writing it
+            candidates.append(folder_item("superseded compile cache", folder,
+                                          f"{folder.rsplit('/', 1)[0]}/latest.json names a newer one"))
 
     by_key: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for folder in inventory.folders:

@@ -23,7 +23,9 @@ from loraflow.errors import StoreDataError
 from loraflow.local_store import LocalStore
 from loraflow.manifest import MANIFEST
 
-FOLDER_DEPTH = {"adapters": 2, "merged": 2, "checkpoints": 3}  # adapters/<key>, checkpoints/<key>/<step-N-attempt>
+# adapters/<key>, checkpoints/<key>/<step-N-attempt>, compile-cache/<tag>/<files digest> (loraflow/compile_cache.py)
+FOLDER_DEPTH = {"adapters": 2, "merged": 2, "checkpoints": 3, "compile-cache": 3}
+POINTER_NAMES = {"compile-cache": "latest.json"}  # compile-cache/<tag>/latest.json: a record beside the folders
 
 
 @dataclass(frozen=True)

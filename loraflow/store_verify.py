@@ -57,7 +57,7 @@ class VerifyReport:
 
 
 def manifest_folders(access: ObjectAccess) -> list[str]:
-    """Every complete folder: adapters/<k>, merged/<m>, checkpoints/<k>/<c> with a manifest.json."""
+    """Every complete folder: adapters/<k>, merged/<m>, checkpoints/<k>/<c>, compile-cache/<tag>/<d> with a manifest.json."""
     found = []
     for category, depth in FOLDER_DEPTH.items():
         for obj in access.list(f"{category}/"):

@@ -32,6 +32,9 @@ from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.checkpoints import (
     checkpoint_sync_callback, fetch_latest_checkpoint, finished_training, load_finished_training, new_attempt_id,
 )
+from loraflow.compile_cache import (
+    COMPILE_CACHE_PREFIX, compile_cache_tag, publish_compile_cache, restore_compile_cache,
+)
 from loraflow.config import FinetuneConfig, LoraSettings, ModelConfig, TrainSettings
 from loraflow.data import Dataset
 from loraflow.errors import TrainingOutOfMemoryError
@@ -232,6 +235,7 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
         resumed_from_step = resume[1] if resume else 0
         if resume:
             run_logger().info("train: resuming from the stored checkpoint at step %d", resumed_from_step)
+        share_compile_cache(store, live, spec, restore_compile_cache, "restored from")
         clock.start()
         started_at = time.time()
         if resume and finished_training(resume[0]):  # e.g. the adapter's publish failed after the last checkpoint
@@ -266,6 +270,7 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
         )
         (adapter_dir / METRICS_FILE).write_text(json.dumps(asdict(metrics), indent=1))
         uri = store.put_folder(adapter_dir, spec.adapter_key)
+    share_compile_cache(store, live, spec, publish_compile_cache, "published to")
     run_logger().info(
         "train: %d steps%s in %.1f s (first: %.1f s), loss %.4f -> %.4f, %.0f real tokens/s overall, %.0f once warm, "
         "peak memory %.2f GiB; adapter at %s",
@@ -276,6 +281,24 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
     keep_trained(spec.adapter_key, live)
     return AdapterRef(spec.store_uri, spec.adapter_key, uri, store.digest(spec.adapter_key), metrics,
                       parent=spec.init_adapter)
+
+
+def share_compile_cache(store: Any, live: LiveModel, spec: TrainSpec, action: Any, done: str) -> None:
+    """Restore (before the first step) or publish (after training) Unsloth's and Inductor's/Triton's compile cache
+    through the store, on CUDA with backend unsloth (loraflow/compile_cache.py): the first step of a fresh worker
+    otherwise compiles for ~20 s. A cache only saves time, so a failure is logged and training goes on."""
+    if live.device != "cuda" or spec.backend != "unsloth":
+        return
+    import torch
+
+    try:
+        tag = compile_cache_tag(torch.cuda.get_device_capability())
+        files = action(store, tag)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional cache leaves the run as it was
+        run_logger().warning("train: compile cache not %s the store (%s: %s)", done.split()[0], type(exc).__name__, exc)
+        return
+    if files:
+        run_logger().info("train: compile cache: %d files %s %s", files, done, store.uri_of(f"{COMPILE_CACHE_PREFIX}/{tag}"))
 
 
 def current_world_size() -> int:

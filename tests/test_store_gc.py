@@ -87,12 +87,19 @@ def aged_store(tmp_path: Path) -> dict[str, Any]:
     store.put_bytes(json.dumps({"line": "sentiment", "aliases": {
         "production": {"adapter_key": "adapters/prod", "at": 1.0},
         "candidate": {"adapter_key": "adapters/challenger"}}, "history": []}).encode(), "aliases/sentiment.json")
+    # Compile caches (loraflow/compile_cache.py): each publish is a superset; latest.json names the newest.
+    tag = "compile-cache/2.11.0-5.17.0-2026.10.9-2026.10.9-py3.12-sm90"
+    publish(f"{tag}/first", 20, **{"kernel.cubin": b"k" * 500})  # superseded: goes
+    publish(f"{tag}/union", 20, **{"kernel.cubin": b"k" * 500, "other.cubin": b"o" * 500})  # named: kept
+    store.put_bytes(json.dumps({"key": f"{tag}/union", "files": ["kernel.cubin", "other.cubin"]}).encode(),
+                    f"{tag}/latest.json")
+    age(root / f"{tag}/latest.json", 400)  # a pointer: never touched
     store.put_bytes(b"[]", "datasets/not-ours.json")  # not loraflow's: never touched
     age(root / "datasets/not-ours.json", 400)
     doomed = {"adapters/old", "merged/old-bfloat16", "checkpoints/prod/step-3-aaaa", "checkpoints/old/step-6-bbbb",
               "checkpoints/gone/step-6-dddd", "checkpoints/prod/.step-9-aaaa-x1y2", "summaries/.r9.json.123.tmp",
-              "summaries/old-run", "results/old-record"}
-    return {"store": store, "root": root, "doomed": doomed}
+              "summaries/old-run", "results/old-record", f"{tag}/first"}
+    return {"store": store, "root": root, "doomed": doomed, "compile_cache": tag}
 
 
 POLICY = GcPolicy(grace_hours=1, keep_checkpoints=1, retention_days=30, candidate_retention_days=90)
@@ -124,6 +131,8 @@ def test_gc_marks_first_then_deletes_exactly_what_nothing_needs(aged_store: dict
         assert f"{kept}/manifest.json" in left, kept
     assert {"summaries/young-run.json", "results/young-record", "aliases/sentiment.json", "datasets/not-ours.json",
             "checkpoints/wip/.step-6-cccc-zz/optimizer.pt"} <= left
+    tag = aged_store["compile_cache"]
+    assert {f"{tag}/latest.json", f"{tag}/union/manifest.json", f"{tag}/union/kernel.cubin"} <= left
     assert second.deleted_bytes == sum(i.size for i in first.marked)  # what it said it would free, it freed
     assert f"deleted {len(doomed)} items, {second.deleted_bytes} bytes" in second.lines()[-1]
     assert verify_store(str(root)).ok
