@@ -55,7 +55,12 @@ def use_compile_cache() -> None:
 # of what the runs before it compiled; two runs publishing at once lose nothing but each other's newest kernels.
 
 COMPILE_CACHE_PREFIX = "compile-cache"
-SKIPPED_NAMES = ("lock", ".tmp", "tmp.")  # Triton's and Inductor's files in the making, and their locks
+
+
+def in_the_making(part: str) -> bool:
+    """A path part that is not a finished cache file: a lock (Inductor's locks/, *.lock), a file being written
+    (Triton's <name>.tmp.pid_<pid>_<n>, Inductor's .<pid>.<thread>.tmp) or bytecode (__pycache__: rebuilt on import)."""
+    return part in ("locks", "__pycache__") or part.endswith((".lock", ".tmp")) or ".tmp." in part
 
 
 def compile_cache_tag(gpu_capability: tuple[int, int]) -> str:
@@ -71,8 +76,7 @@ def cached_files(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(str(path.relative_to(root)) for path in root.rglob("*")
-                  if path.is_file() and not any(part in name for name in path.relative_to(root).parts
-                                                for part in SKIPPED_NAMES))
+                  if path.is_file() and not any(in_the_making(part) for part in path.relative_to(root).parts))
 
 
 def restore_compile_cache(store: Any, tag: str, root: Path | None = None) -> int:

@@ -35,7 +35,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
 
 def compiled(root: Path, files: dict[str, bytes]) -> Path:
     """A compile cache as Unsloth, Inductor and Triton leave one: finished files, plus a lock and a file in the making."""
-    for name, data in {**files, "triton/abc123/__grp__k.json.tmp.pid_7_1": b"half", "inductor/locks/x.lock": b""}.items():
+    in_the_making = {"triton/abc123/__grp__k.json.tmp.pid_7_1": b"half", "inductor/locks/x.lock": b"",
+                     "inductor/fxgraph/.71.140.tmp": b"half", "unsloth/__pycache__/m.cpython-312.pyc": b"pyc"}
+    for name, data in {**files, **in_the_making}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     return root
@@ -44,16 +46,17 @@ def compiled(root: Path, files: dict[str, bytes]) -> Path:
 def test_a_fresh_machine_restores_what_another_compiled_and_adds_its_own(store: Store, tmp_path: Path) -> None:
     first = compiled(tmp_path / "a" / "compile", {
         "unsloth/unsloth_compiled_module_llama.py": b"# generated", "triton/abc123/kernel.cubin": b"\x7fELF cubin",
-        "inductor/fxgraph/ab/entry": b"graph"})
-    assert publish_compile_cache(store, TAG, first) == 3  # the finished files, not the lock or the half-written one
+        "inductor/fxgraph/ab/entry": b"graph", "triton/blocked/triton_blocked_lock_free.cubin": b"a name with lock in it"})
+    assert publish_compile_cache(store, TAG, first) == 4  # the finished files, not the lock or the half-written one
     assert publish_compile_cache(store, TAG, first) == 0  # nothing new: nothing published again
 
     fresh = tmp_path / "b" / "compile"
-    assert restore_compile_cache(store, TAG, fresh) == 3
+    assert restore_compile_cache(store, TAG, fresh) == 4
     assert cached_files(fresh) == cached_files(first) == sorted(
-        ["inductor/fxgraph/ab/entry", "triton/abc123/kernel.cubin", "unsloth/unsloth_compiled_module_llama.py"])
+        ["inductor/fxgraph/ab/entry", "triton/abc123/kernel.cubin", "triton/blocked/triton_blocked_lock_free.cubin",
+         "unsloth/unsloth_compiled_module_llama.py"])
     assert (fresh / "triton/abc123/kernel.cubin").read_bytes() == b"\x7fELF cubin"
-    assert not (fresh / "inductor/locks").exists() and not list(fresh.rglob("*.tmp.*"))
+    assert not (fresh / "inductor/locks").exists() and not list(fresh.rglob("*.tmp*")) and not list(fresh.rglob("*.pyc"))
     assert [p.name for p in fresh.parent.iterdir()] == ["compile"]  # no staging folder left beside it
     assert restore_compile_cache(store, TAG, fresh) == 0  # all here already
 
@@ -61,7 +64,7 @@ def test_a_fresh_machine_restores_what_another_compiled_and_adds_its_own(store: 
     (fresh / "triton/def456").mkdir()
     (fresh / "triton/def456/kernel.cubin").write_bytes(b"\x7fELF other shape")
     assert publish_compile_cache(store, TAG, fresh) == 1
-    assert len(latest_pointer(store, TAG)["files"]) == 4
+    assert len(latest_pointer(store, TAG)["files"]) == 5
     assert restore_compile_cache(store, TAG, first) == 1
     assert (first / "triton/def456/kernel.cubin").read_bytes() == b"\x7fELF other shape"
 
