@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 ACCESS_KEY = "loraflow-test-access"
 SECRET_KEY = "loraflow-test-secret-0123456789"
@@ -59,6 +59,17 @@ def s3_env(endpoint: str, secret: str = SECRET_KEY) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+def use_s3_here(endpoint: str, monkeypatch: Any) -> Any:
+    """This process's S3 clients (boto3's, loraflow's store) talk to `endpoint` with the test keys until the test
+    ends; returns a boto3 client for it."""
+    import boto3
+
+    for name, value in s3_env(endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the first credentials it found, for good
+    return boto3.client("s3")
 
 
 class Nanio:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +20,7 @@ from loraflow.data import read_dataset
 from loraflow.prompts import format_prompts, load_tokenizer
 from loraflow.backends import load_model
 from tests.conftest import TINY_CONFIG
-from tests.s3_server import nanio_server, s3_env
+from tests.s3_server import nanio_server, use_s3_here
 
 PREFIX = "checkpoints/key"
 
@@ -83,10 +82,7 @@ def test_s3_checkpoints_keep_their_own_files_and_deleting_them_spares_shared_blo
     data = tmp_path / "nanio"
     data.mkdir()
     with nanio_server(data) as endpoint:
-        for name, value in s3_env(endpoint).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the first credentials it found, for good
-        client = boto3.client("s3")
+        client = use_s3_here(endpoint, monkeypatch)
         client.create_bucket(Bucket="ckpt")
         store = open_store("s3://ckpt/runs")
         source = folder_with(tmp_path / "src", **{"adapter_model.safetensors": b"same bytes", "optimizer.pt": b"opt"})

@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import boto3
 import pytest
 
 from loraflow.compile_cache import cached_files, latest_pointer, publish_compile_cache, restore_compile_cache
 from loraflow.store import Store, open_store
-from tests.s3_server import nanio_server, s3_env
+from tests.s3_server import nanio_server, use_s3_here
 
 TAG = "2.11.0_cu130-5.17.0-2026.10.9-2026.10.9-py3.12-sm90"
 
@@ -26,10 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     data = tmp_path / "nanio"
     data.mkdir()
     with nanio_server(data) as endpoint:
-        for name, value in s3_env(endpoint).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the first credentials it found, for good
-        boto3.client("s3").create_bucket(Bucket="kernels")
+        use_s3_here(endpoint, monkeypatch).create_bucket(Bucket="kernels")
         yield open_store("s3://kernels/runs")
 
 
