@@ -170,9 +170,11 @@ def run_command(args: argparse.Namespace) -> int:
     from loraflow.config import load_config
     from loraflow.errors import LoraflowInputError, StoreUnavailableError
     from loraflow.retries import is_transient
+    from loraflow.temporary_server import start_temporary_server_early
 
     try:
         cfg = load_config(args.config, overrides_from(args))
+        server_ready = (lambda: None) if args.dry_run else start_temporary_server_early()  # boots while we check
         prompts = preflight(cfg)
     except LoraflowInputError as exc:
         fail(EXIT_INPUT, str(exc))
@@ -190,6 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
     from loraflow.temporary_server import start_temporary_server_in_own_session
 
     start_temporary_server_in_own_session()  # a Ctrl-C / SIGTERM to this run must not take its API server first
+    server_ready()
     state = finetune(config=cfg, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

@@ -7,15 +7,31 @@ a SIGTERM'd `loraflow run` needed SIGKILL after 30 s). Started in a session of i
 the run is reported Crashed at once and the process exits; Prefect still stops the server at a normal exit.
 Linux asks the kernel to end the server when the run's process dies any other way (SIGKILL, OOM killer), so no
 server is left behind; elsewhere Prefect's default (the server in the run's group) is kept.
+
+`loraflow run` also starts that server as soon as its config is read (start_temporary_server_early), so the ~10-20 s
+the server takes to boot overlap the data checks and the flow's imports instead of following them.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from loraflow.processes import end_with_parent_sigterm
+
+class OwnSessionSubprocess:
+    """`subprocess` as prefect.server.api.server sees it: its one Popen, the uvicorn server, starts in a session of
+    its own and ends with this process. Only that module's name is replaced, so no other thread's Popen is touched."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 - subprocess's own name
+        return subprocess.Popen(*args, **kwargs, start_new_session=True, preexec_fn=end_with_parent_sigterm)
+
 
 def start_temporary_server_in_own_session() -> None:
     """Make Prefect (3.9's SubprocessASGIServer) start its temporary server in a session of its own (Linux only)."""
@@ -23,19 +39,37 @@ def start_temporary_server_in_own_session() -> None:
         return
     from prefect.server.api import server
 
-    start_server = server.SubprocessASGIServer._run_uvicorn_command
-    if getattr(start_server, "loraflow_own_session", False):
-        return
+    if not isinstance(server.subprocess, OwnSessionSubprocess):
+        server.subprocess = OwnSessionSubprocess()  # type: ignore[assignment]
 
-    def run_uvicorn_in_own_session(self: Any) -> subprocess.Popen[Any]:
-        popen = server.subprocess.Popen
-        server.subprocess.Popen = lambda *args, **kwargs: popen(  # type: ignore[misc]
-            *args, **kwargs, start_new_session=True, preexec_fn=end_with_parent_sigterm
-        )
+
+def start_temporary_server_early() -> Callable[[], None]:
+    """Start the temporary server now, in a thread, so that it boots (~10-20 s on a 2-core machine) while this
+    process validates its input and imports the flow; returns the function to call before the flow runs, which
+    waits until the start has finished. Nothing is started when PREFECT_API_URL names a server or ephemeral mode
+    is off.
+
+    The flow's own client then finds Prefect's one SubprocessASGIServer running; a start that failed here is tried
+    again by the flow, which reports it. The thread lives as long as the process: the kernel's parent-death signal
+    (end_with_parent_sigterm) follows the thread that started the server, not the process. A run that stops before
+    its flow (bad input) stops the server at exit (Prefect's atexit) or, killed, by that signal."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    started = threading.Event()
+
+    def boot() -> None:
         try:
-            return start_server(self)
-        finally:
-            server.subprocess.Popen = popen
+            start_temporary_server_in_own_session()
+            from prefect.server.api.server import SubprocessASGIServer
 
-    run_uvicorn_in_own_session.loraflow_own_session = True  # type: ignore[attr-defined]
-    server.SubprocessASGIServer._run_uvicorn_command = run_uvicorn_in_own_session
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's client starts it again and raises what is wrong
+            pass
+        finally:
+            started.set()
+        threading.Event().wait()  # the server's parent thread: it must not end before the process does
+
+    threading.Thread(target=boot, name="prefect-temporary-server", daemon=True).start()
+    return started.wait
