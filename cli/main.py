@@ -189,10 +189,8 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from flows.finetune import finetune
-    from loraflow.temporary_server import start_temporary_server_in_own_session
 
-    start_temporary_server_in_own_session()  # a Ctrl-C / SIGTERM to this run must not take its API server first
-    server_ready()
+    server_ready()  # started in a session of its own: a Ctrl-C / SIGTERM to this run must not take it first
     state = finetune(config=cfg, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

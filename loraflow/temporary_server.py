@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from loraflow.processes import end_with_parent_sigterm
 
+
 class OwnSessionSubprocess:
     """`subprocess` as prefect.server.api.server sees it: its one Popen, the uvicorn server, starts in a session of
     its own and ends with this process. Only that module's name is replaced, so no other thread's Popen is touched."""
@@ -57,11 +58,11 @@ def start_temporary_server_early() -> Callable[[], None]:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return lambda: None
+    start_temporary_server_in_own_session()  # here, so the flow's own start (if this one fails) is in one too
     started = threading.Event()
 
     def boot() -> None:
         try:
-            start_temporary_server_in_own_session()
             from prefect.server.api.server import SubprocessASGIServer
 
             SubprocessASGIServer().start()
