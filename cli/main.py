@@ -170,12 +170,16 @@ def run_command(args: argparse.Namespace) -> int:
     from loraflow.config import load_config
     from loraflow.errors import LoraflowInputError, StoreUnavailableError
     from loraflow.retries import is_transient
-    from loraflow.temporary_server import start_temporary_server_early
+    from loraflow.temporary_server import EarlyServer, start_temporary_server_early
 
     try:
         cfg = load_config(args.config, overrides_from(args))
-        server_ready = (lambda: None) if args.dry_run else start_temporary_server_early()  # boots while we check
-        prompts = preflight(cfg)
+        server = EarlyServer() if args.dry_run else start_temporary_server_early()  # boots while we check
+        try:
+            prompts = preflight(cfg)
+        except BaseException:
+            server.abandon()  # silently: the error below must be the run's last line
+            raise
     except LoraflowInputError as exc:
         fail(EXIT_INPUT, str(exc))
     except StoreUnavailableError as exc:
@@ -190,7 +194,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from flows.finetune import finetune
 
-    server_ready()  # started in a session of its own: a Ctrl-C / SIGTERM to this run must not take it first
+    server.ready()  # started in a session of its own: a Ctrl-C / SIGTERM to this run must not take it first
     state = finetune(config=cfg, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

@@ -14,54 +14,82 @@ the server takes to boot overlap the data checks and the flow's imports instead 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from loraflow.processes import end_with_parent_sigterm
 
 
 class OwnSessionSubprocess:
     """`subprocess` as prefect.server.api.server sees it: its one Popen, the uvicorn server, starts in a session of
-    its own and ends with this process. Only that module's name is replaced, so no other thread's Popen is touched."""
+    its own and ends with this process. Only that module's name is replaced, so no other thread's Popen is touched.
+
+    kill_servers() ends what it started at once and refuses later starts: a run that stops at its input must not
+    leave a server booting, whose interrupted start-up prints errors after the run's own `error:` line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._servers: list[subprocess.Popen[Any]] = []
+        self._closed = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
-    @staticmethod
-    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 - subprocess's own name
-        return subprocess.Popen(*args, **kwargs, start_new_session=True, preexec_fn=end_with_parent_sigterm)
+    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 - subprocess's own name
+        """subprocess.Popen in a new session, ended by the kernel when this process dies.
+        Raises RuntimeError after kill_servers()."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the temporary server was not started: this run stopped before its flow")
+            server = subprocess.Popen(*args, **kwargs, start_new_session=True, preexec_fn=end_with_parent_sigterm)
+            self._servers.append(server)
+            return server
+
+    def kill_servers(self) -> None:
+        """SIGKILL each server started here (its whole session), reap it, and refuse any later start. SIGKILL, not
+        Prefect's SIGTERM: a server stopped mid start-up logs "Application shutdown failed" to our stderr; its
+        SQLite database is left consistent either way (every write is a transaction)."""
+        with self._lock:
+            self._closed = True
+            for server in self._servers:
+                if server.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
 
 
-def start_temporary_server_in_own_session() -> None:
-    """Make Prefect (3.9's SubprocessASGIServer) start its temporary server in a session of its own (Linux only)."""
+def start_temporary_server_in_own_session() -> OwnSessionSubprocess | None:
+    """Make Prefect (3.9's SubprocessASGIServer) start its temporary server in a session of its own (Linux only);
+    returns the replacement, or None where it does not apply."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     from prefect.server.api import server
 
     if not isinstance(server.subprocess, OwnSessionSubprocess):
         server.subprocess = OwnSessionSubprocess()  # type: ignore[assignment]
+    return server.subprocess
 
 
-def start_temporary_server_early() -> Callable[[], None]:
-    """Start the temporary server now, in a thread, so that it boots (~10-20 s on a 2-core machine) while this
-    process validates its input and imports the flow; returns the function to call before the flow runs, which
-    waits until the start has finished. Nothing is started when PREFECT_API_URL names a server or ephemeral mode
-    is off.
+class EarlyServer:
+    """The temporary server's start, running in a thread (start_temporary_server_early).
 
-    The flow's own client then finds Prefect's one SubprocessASGIServer running; a start that failed here is tried
-    again by the flow, which reports it. The thread lives as long as the process: the kernel's parent-death signal
-    (end_with_parent_sigterm) follows the thread that started the server, not the process. A run that stops before
-    its flow (bad input) stops the server at exit (Prefect's atexit) or, killed, by that signal."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    ready(): wait until the start has finished (before the flow runs). abandon(): the run stops before its flow;
+    kill the server silently, at whatever point of its start it is."""
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return lambda: None
-    start_temporary_server_in_own_session()  # here, so the flow's own start (if this one fails) is in one too
-    started = threading.Event()
+    def __init__(self, processes: OwnSessionSubprocess | None = None) -> None:
+        self._processes = processes
+        self._started = threading.Event()
+        if processes is None:
+            self._started.set()
+            return
+        threading.Thread(target=self._boot, name="prefect-temporary-server", daemon=True).start()
 
-    def boot() -> None:
+    def _boot(self) -> None:
         try:
             from prefect.server.api.server import SubprocessASGIServer
 
@@ -69,8 +97,28 @@ def start_temporary_server_early() -> Callable[[], None]:
         except Exception:  # noqa: BLE001 - the flow's client starts it again and raises what is wrong
             pass
         finally:
-            started.set()
+            self._started.set()
         threading.Event().wait()  # the server's parent thread: it must not end before the process does
 
-    threading.Thread(target=boot, name="prefect-temporary-server", daemon=True).start()
-    return started.wait
+    def ready(self) -> None:
+        self._started.wait()
+
+    def abandon(self) -> None:
+        if self._processes is not None:
+            self._processes.kill_servers()
+
+
+def start_temporary_server_early() -> EarlyServer:
+    """Start the temporary server now, in a thread, so that it boots (~10-20 s on a 2-core machine) while this
+    process validates its input and imports the flow. Nothing is started when PREFECT_API_URL names a server,
+    ephemeral mode is off, or the platform is not Linux (where the server could not be kept out of our signals).
+
+    The flow's own client then finds Prefect's one SubprocessASGIServer running; a start that failed here is tried
+    again by the flow, which reports it. The thread lives as long as the process: the kernel's parent-death signal
+    (end_with_parent_sigterm) follows the thread that started the server, not the process. A run that stops before
+    its flow (bad input) calls EarlyServer.abandon."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return EarlyServer()
+    return EarlyServer(start_temporary_server_in_own_session())
