@@ -24,6 +24,13 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     MLFLOW_DISABLE_TELEMETRY="true",  # MLflow 3 sends usage telemetry by default (tests/test_tracking.py logs to it)
 )
+# In a pytest-xdist worker, the cores are shared out among the workers: each training (in this process or a
+# `loraflow run` it starts) gets cores / workers OpenMP threads. Two 2-thread trainings on 2 cores took 50 s each
+# for 40 tiny steps, two 1-thread ones 22 s (docs/benchmarks.md, "The test suite's threads"). A value the caller
+# set is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 # The longest files first (seconds in one process, `pytest --durations`), so that with `make test`'s two processes
