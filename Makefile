@@ -37,10 +37,10 @@ demo: install
 # processes finish in well under the time of one, even on 2 cores. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m 'not slow'
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m 'not slow'
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

@@ -33,11 +33,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
-# The longest files first (seconds in one process, `pytest --durations`), so that with `make test`'s two processes
-# (--dist loadfile hands out whole files in collection order) no long file starts last while the other process idles.
-LONGEST_FIRST = ["test_interruptions.py", "test_store_faults.py", "test_s3_cache.py", "test_data_faults.py",
-                 "test_retrain_e2e.py", "test_webhook_e2e.py", "test_deployments.py", "test_tracking.py",
-                 "test_cli_signals.py", "test_multi_rank.py", "test_chat_data.py"]
+# The longest files first (seconds of both processes, `pytest --durations`), so that with `make test`'s two processes
+# (--dist loadfile hands out whole files in collection order; --no-loadscope-reorder, or pytest-xdist would hand
+# out the files with the most tests first) no long file starts last while the other process idles.
+LONGEST_FIRST = ["test_s3_cache.py", "test_interruptions.py", "test_data_faults.py", "test_store_faults.py",
+                 "test_retrain_e2e.py", "test_webhook_e2e.py", "test_deployments.py", "test_quality_gate.py",
+                 "test_chat_data.py", "test_cli_signals.py", "test_bad_data.py", "test_tracking.py",
+                 "test_multi_rank.py", "test_retry_wiring.py", "test_tasks.py", "test_warm_start.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
