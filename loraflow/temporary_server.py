@@ -6,10 +6,12 @@ temporary server as a child in that group, so the server died with the signal, a
 a SIGTERM'd `loraflow run` needed SIGKILL after 30 s). Started in a session of its own it outlives the signal,
 the run is reported Crashed at once and the process exits; Prefect still stops the server at a normal exit.
 Linux asks the kernel to end the server when the run's process dies any other way (SIGKILL, OOM killer), so no
-server is left behind; elsewhere Prefect's default (the server in the run's group) is kept.
+server is left behind; elsewhere Prefect's default (the server in the run's group, started at the flow's first
+call) is kept.
 
-`loraflow run` also starts that server as soon as its config is read (start_temporary_server_early), so the ~10-20 s
-the server takes to boot overlap the data checks and the flow's imports instead of following them.
+On Linux `loraflow run` also starts that server as soon as its config is read (start_temporary_server_early), so
+the ~10-20 s the server takes to boot overlap the data checks and the flow's imports instead of following them;
+a run whose input is refused kills it (EarlyServer.abandon) before printing its error.
 """
 
 from __future__ import annotations
