@@ -21,6 +21,7 @@ MFU = tokens/s × 6 × parameters / 790e12 (the bf16 matrix rate measured on thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -254,6 +255,8 @@ NOTEBOOK_VARIANTS = {
     "packed": "the project's defaults (train.packing auto, lora.gradient_checkpointing auto, optimizer auto): the "
               "step's 16 examples in one padding-free row, checkpointing off where the activations fit, fused AdamW",
     "packed-ckpt": "packed, with Unsloth's gradient checkpointing forced on",
+    "packed-before": "packed, as the project trained before 2026-12-01's set-up fixes: Python's gc walking the whole "
+                     "heap in Unsloth's and accelerate's collections, optimizer state in the final checkpoint",
     "packed-8bit": "packed, with the notebook's adamw_8bit instead of auto's fused AdamW",
     "segments": "packed, but attention as Unsloth does it on torch 2.11: one SDPA call per example",
     "merged": "unpacked, accumulation folded into the batch: one padded 16-row micro-batch per step",
@@ -264,11 +267,11 @@ NOTEBOOK_VARIANTS = {
 def notebook_variant(name: str, base: Any, unpacked_steps: int) -> tuple[Any, dict[str, Any], bool]:
     """(train settings, SFTConfig fields to force, flash varlen on) for a variant of the notebook workload;
     `packed.2` is a repeat of `packed`."""
-    name = name.split(".")[0]
+    name = name.split(".")[0].removesuffix("+prof")
     if name == "notebook":  # the notebook's SFTConfig: optim="adamw_8bit", its rows as Unsloth's trainer makes them
         return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps, "optimizer": "adamw_8bit"}), \
             {"padding_free": None}, True
-    if name in ("packed", "packed-ckpt"):
+    if name in ("packed", "packed-ckpt", "packed-before"):
         return base.model_copy(update={"packing": "auto"}), {}, True
     if name == "packed-8bit":  # the project's defaults but the notebook's optimizer: what `optimizer: auto` buys
         return base.model_copy(update={"packing": "auto", "optimizer": "adamw_8bit"}), {}, True
@@ -308,6 +311,47 @@ class sft_overrides:
         import loraflow.training
 
         loraflow.training.build_sft_config = self.original
+
+
+class as_before_setup_fixes:
+    """The project's train path without the gc freeze around trainer.train() and with the optimizer state in the
+    final checkpoint (bench variant `packed-before` only): the same call measures what those two save."""
+
+    def __enter__(self) -> None:
+        import contextlib
+
+        import loraflow.training
+        from transformers import TrainerCallback
+
+        self.original = (loraflow.training.objects_alive_now_left_out_of_gc,
+                         loraflow.training.final_checkpoint_model_only)
+        loraflow.training.objects_alive_now_left_out_of_gc = contextlib.nullcontext
+        loraflow.training.final_checkpoint_model_only = TrainerCallback
+
+    def __exit__(self, *exc: Any) -> None:
+        import loraflow.training
+
+        (loraflow.training.objects_alive_now_left_out_of_gc,
+         loraflow.training.final_checkpoint_model_only) = self.original
+
+
+def profiled(enabled: bool, call: Any) -> tuple[Any, str | None]:
+    """(call(), its cProfile report where `enabled`: the 30 functions with the most cumulative time, what the
+    trainer's loop spends outside the steps in (its callees), and who ran gc.collect)."""
+    if not enabled:
+        return call(), None
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(call)
+    report = io.StringIO()
+    stats = pstats.Stats(profiler, stream=report).sort_stats("cumulative")
+    stats.print_stats(30)
+    stats.print_callees("inner_training_loop|_prepare_for_training|_run_epoch")
+    stats.print_callers("collect|empty_cache|synchronize")
+    return result, report.getvalue()
 
 
 def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
@@ -379,8 +423,10 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
             if backend == "unsloth":
                 loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
             torch.cuda.empty_cache()
-            with sft_overrides(**sft_fields):
-                trained = train(variant_live, prompts, settings, f"bench/{backend}-notebook-{name}")
+            before = as_before_setup_fixes() if name.split(".")[0].startswith("packed-before") else contextlib.nullcontext()
+            with sft_overrides(**sft_fields), before:
+                trained, profile = profiled(name.endswith("+prof"), lambda: train(
+                    variant_live, prompts, settings, f"bench/{backend}-notebook-{name}"))
             skip = min(3, len(trained.step_seconds) // 2)
             figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
             figures.update(
@@ -388,6 +434,8 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
                 examples_seen=round(sum(trained.step_tokens) / mean_tokens), real_tokens=sum(trained.step_tokens),
                 loss_first=trained.loss_first, loss_last=trained.loss_last,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
+                setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile,
             )
             result[f"notebook_{name}"] = figures
             log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
@@ -458,6 +506,8 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
                 examples_seen=round(sum(trained.step_tokens) / mean_tokens), real_tokens=sum(trained.step_tokens),
                 loss_first=trained.loss_first, loss_last=trained.loss_last, layout=trained.layout,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
+                setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile,
             )
             del live
             result[f"notebook_{name}"] = figures
@@ -466,35 +516,40 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
     return result
 
 
-def notebook_config(model_dir: Path, work: Path, backend: str, steps: int, devices: int) -> dict[str, Any]:
-    """The notebook workload as a loraflow config (960 examples, 4 × 4, lr 2e-4, NF4), in a new store each time:
-    a store that has the adapter would (rightly) skip training. bench/deployment_phases.py runs it too."""
+def notebook_config(model_dir: Path, work: Path, backend: str, steps: int, devices: int, store: str | None = None,
+                    seed: int = 3407) -> dict[str, Any]:
+    """The notebook workload as a loraflow config (960 examples, 4 × 4, lr 2e-4, NF4), in a new store unless `store`
+    names one: a store that has the adapter would (rightly) skip training, so runs sharing a store need seeds of
+    their own. bench/deployment_phases.py runs it too."""
     data_file = write_notebook_data(work)
     return {
         "data": {"uri": str(data_file), "eval_fraction": NOTEBOOK_HELD_OUT / (NOTEBOOK_EXAMPLES + NOTEBOOK_HELD_OUT)},
         "prompt": {"template": NOTEBOOK_TEMPLATE},
         "model": {"name": str(model_dir), "backend": backend, "load_in_4bit": True, "max_seq_length": 2048},
         "train": {"per_device_batch_size": 4, "gradient_accumulation_steps": 4, "warmup_steps": 5, "max_steps": steps,
-                  "learning_rate": 2e-4, "optimizer": "auto", "num_devices": devices},
+                  "learning_rate": 2e-4, "optimizer": "auto", "num_devices": devices, "seed": seed},
         # A random model never says EOS: generate for no example, so smoke-infer has nothing to fail on.
         "infer": {"max_eval_examples": 0, "max_new_tokens": 8},
-        "output": {"dir": str(work / "cli-out"), "store": str(work / f"cli-store-{time.time_ns()}")},
+        "output": {"dir": str(work / "cli-out"), "store": store or str(work / f"cli-store-{time.time_ns()}")},
     }
 
 
-def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int = 1) -> dict[str, Any]:
-    """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone."""
+def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int = 1, store: str | None = None,
+            cache_dir: str | None = None, seed: int = 3407) -> dict[str, Any]:
+    """`loraflow run` on the notebook workload, as a user starts it: seconds from launch to each milestone.
+    `cache_dir`: the run's LORAFLOW_CACHE_DIR (an empty one: a fresh machine's compile cache)."""
     import yaml
 
-    config = notebook_config(model_dir, work, backend, steps, devices)
+    config = notebook_config(model_dir, work, backend, steps, devices, store, seed)
     config_file = work / "cli.yaml"
     config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
     milestones = {"Beginning flow run": "flow_started_s", "load-4bit-model:": "loaded_s", "attach-LoRA:": "attached_s", "train: step 1 done": "first_step_s",
                   f"train: {steps} steps": "trained_s"}
     seen: dict[str, float] = {}
     started = time.perf_counter()
+    env = {**os.environ, **({"LORAFLOW_CACHE_DIR": cache_dir} if cache_dir else {})}
     process = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config_file)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -503,7 +558,9 @@ def cli_run(model_dir: Path, work: Path, backend: str, steps: int, devices: int 
                 seen[key] = time.perf_counter() - started
     code = process.wait()
     seen["total_s"] = time.perf_counter() - started
-    result: dict[str, Any] = {"returncode": code, "devices": devices, **seen}
+    result: dict[str, Any] = {"returncode": code, "devices": devices, "compile_cache": cache_dir or "kept",
+                              "compile_cache_log": [line.strip()[-160:] for line in lines if "compile cache" in line],
+                              **seen}
     summary_file = work / "cli-out" / "summary.json"
     if code == 0 and summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -564,8 +621,8 @@ def table(results: dict[str, Any]) -> str:
                         f"{ckpt.split(':')[0]} |"
                     )
     rows += ["", "| shape | notebook workload (960 examples of 61-151 tokens) | steps | train() s | real tokens/s steady | "
-             "vs notebook | first step s | held-out loss | examples seen |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "vs notebook | first step s | of it set-up s | steps 2.. s | final checkpoint s | held-out loss | examples seen |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shape, per_path in results["shapes"].items():
         runs = {f"{path} {k.removeprefix('notebook_')}": v for path in per_path if isinstance(per_path[path], dict)
                 for k, v in per_path[path].items() if k.startswith("notebook_")}
@@ -575,10 +632,11 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| {shape} | {name} | {figures['steps']} | {figures['train_runtime_s']:.1f} | "
                 f"{figures['tokens_per_s']:,.0f} | {'' if vs is None else f'{vs:.1f}×'} | {figures['first_step_s']:.1f} | "
+                f"{figures.get('setup_s', 0):.1f} | {figures.get('steps_after_first_s', 0):.1f} | {figures.get('finish_s', 0):.1f} | "
                 f"{figures['held_out_loss']:.4f} | {figures['examples_seen']} |"
             )
     for run, cli in enumerate(results.get("cli_runs", []), 1):
-        rows += ["", f"`loraflow run` #{run} (notebook workload, {results['cli_shape']}, {cli.get('devices', 1)} GPU(s), "
+        rows += ["", f"`loraflow run` #{run}{' (' + cli['label'] + ')' if 'label' in cli else ''} (notebook workload, {results['cli_shape']}, {cli.get('devices', 1)} GPU(s), "
                      "seconds from launch): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in cli.items() if k.endswith("_s") and isinstance(v, float))
                      + f", exit {cli.get('returncode')}"]
@@ -625,6 +683,10 @@ def main() -> None:
                         help="optimizer steps of the `notebook` variant per shape (60 = all 960 examples)")
     parser.add_argument("--cli", default="8b", help="shape for the `loraflow run` timing ('' = skip)")
     parser.add_argument("--cli-devices", default="1", help="train.num_devices of each `loraflow run`, comma-separated")
+    parser.add_argument("--cli-cache-sharing", action="store_true",
+                        help="instead of --cli-runs: three `loraflow run`s, each with an empty compile cache (a fresh "
+                             "machine): one publishing to a store, one with a store of its own (the control), one "
+                             "restoring from the first's store")
     args = parser.parse_args()
     args.variants = dict(item.split(":") for item in args.notebook.split(";") if item)
 
@@ -649,7 +711,7 @@ def main() -> None:
         per_path["build"] = built
         per_path["params"] = int(params_file.read_text())
         common = [str(model_dir), args.layouts, str(args.warmup), str(args.steps), str(per_path["params"]), str(work)]
-        for path in args.paths.split(","):
+        for path in [p for p in args.paths.split(",") if p not in ("", "-")]:
             variants = args.variants.get(shape, "") if path in args.notebook_paths.split(",") else ""
             extra = [variants or "-", unpacked_steps.get(shape, "60")] if path != "bare" else []
             per_path[path] = run_worker(path, common + extra, logs)
@@ -657,7 +719,16 @@ def main() -> None:
         if shape == args.cli:
             results["cli_shape"] = shape
             results["cli_runs"] = []
-            for devices in args.cli_devices.split(","):
+            if args.cli_cache_sharing:
+                shared = str(work / f"cli-store-shared-{time.time_ns()}")
+                for seed, (label, store) in enumerate((("cold, publishes", shared), ("cold, own store", None),
+                                                       ("restores from the first's store", shared)), 1):
+                    cache = tempfile.mkdtemp(prefix="compile-cache-", dir=work)
+                    results["cli_runs"].append({"label": label, **run_worker(
+                        "cli", [str(model_dir), str(work), args.cli_backend, str(args.cli_steps), "1", store or "-",
+                                cache, str(seed)], logs)})
+                    (out / "bench.json").write_text(json.dumps(results, indent=1))
+            for devices in args.cli_devices.split(",") if not args.cli_cache_sharing else []:
                 for _ in range(args.cli_runs):
                     results["cli_runs"].append(run_worker(
                         "cli", [str(model_dir), str(work), args.cli_backend, str(args.cli_steps), devices], logs))
@@ -676,7 +747,9 @@ def worker_main(argv: list[str]) -> None:
     if name == "build":
         result = build(rest[0], Path(rest[1]))
     elif name == "cli":
-        result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]), int(rest[4]))
+        store, cache, seed = (rest[5:8] if len(rest) > 5 else ["-", "", "3407"])
+        result = cli_run(Path(rest[0]), Path(rest[1]), rest[2], int(rest[3]), int(rest[4]),
+                         None if store == "-" else store, cache or None, int(seed))
     else:
         model_dir, layouts, warmup, steps, params, work = rest[:6]
         parsed = [tuple(int(x) for x in item.split("x")) for item in layouts.split(",") if item != "-"]

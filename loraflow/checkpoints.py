@@ -95,6 +95,23 @@ def load_finished_training(trainer: Any, model: Any, checkpoint: Path) -> Any:
     return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
+def final_checkpoint_model_only() -> Any:
+    """A TrainerCallback: the checkpoint of the last step holds the adapter and the trainer's state, not the
+    optimizer, scheduler and RNG states. A finished training is never resumed, only restored
+    (load_finished_training), so those would be written and copied to the store for nothing: AdamW's two moments
+    are 2 × 4 B per trainable parameter, 336 MB for LoRA r=16 on the seven projections of an 8B (41.9 M), twice
+    the adapter. Earlier checkpoints keep everything a resume needs."""
+    from transformers import TrainerCallback
+
+    class FinalCheckpointModelOnly(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # transformers saves after on_step_end, reading save_only_model then (Trainer._save_checkpoint)
+            if state.max_steps and state.global_step >= state.max_steps:
+                args.save_only_model = True
+
+    return FinalCheckpointModelOnly()
+
+
 def checkpoint_sync_callback(store: Store, prefix: str, attempt: str, keep: int) -> Any:
     """A TrainerCallback that copies each checkpoint the trainer saves to the store, then prunes old ones."""
     from transformers import TrainerCallback

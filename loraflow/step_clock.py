@@ -24,6 +24,7 @@ class StepClock:
         self.micro_batches_at_step: list[int] = []
         self.micro_batches = 0
         self.started = 0.0
+        self.loop_began = 0.0  # the trainer's on_train_begin: its optimizer, data loader and set-up done
 
     def count_tokens(self, collator: Any) -> None:
         build = collator.torch_call
@@ -42,6 +43,9 @@ class StepClock:
         clock = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.loop_began = time.perf_counter()
+
             def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 clock.micro_batches += 1
 
@@ -68,6 +72,14 @@ class StepClock:
     def step_seconds(self) -> list[float]:
         ends = [self.started, *self.step_ends]
         return [b - a for a, b in zip(ends, ends[1:])]
+
+    def setup_seconds(self) -> float:
+        """Seconds from start() to the trainer's loop beginning (0.0 where it never began, e.g. a finished resume)."""
+        return max(0.0, self.loop_began - self.started) if self.loop_began else 0.0
+
+    def finish_seconds(self, ended: float) -> float:
+        """Seconds from the last step's end to `ended` (perf_counter; the final checkpoint is most of it)."""
+        return max(0.0, ended - self.step_ends[-1]) if self.step_ends else 0.0
 
     def step_tokens(self) -> list[int]:
         bounds = [0, *self.micro_batches_at_step]

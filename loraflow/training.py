@@ -12,6 +12,7 @@ task retry, a flow retry, a rerun after a crash) resumes from the newest complet
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ from loraflow.batching import BatchLayout, batch_layout, memorisation_note, pack
 from loraflow.builders import build_sft_config
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.checkpoints import (
-    checkpoint_sync_callback, fetch_latest_checkpoint, finished_training, load_finished_training, new_attempt_id,
+    checkpoint_sync_callback, fetch_latest_checkpoint, final_checkpoint_model_only, finished_training,
+    load_finished_training, new_attempt_id,
 )
 from loraflow.compile_cache import (
     COMPILE_CACHE_PREFIX, compile_cache_tag, publish_compile_cache, restore_compile_cache,
@@ -76,6 +80,8 @@ class TrainMetrics:
     peak_memory_bytes: int = 0
     packing: bool = False
     first_step_seconds: float = 0.0  # train() start to the end of step 1: data prep, compilation, warm-up
+    setup_seconds: float = 0.0  # train() start to the trainer's loop beginning (optimizer, data loader), in step 1
+    finish_seconds: float = 0.0  # the last step's end to train()'s return: the final checkpoint
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     step_tokens: list[int] = field(default_factory=list)  # real (non-pad) tokens of each optimizer step
     resumed_from_step: int = 0  # the stored checkpoint this attempt continued from; 0 = started fresh
@@ -164,7 +170,7 @@ def build_trainer(
     progress = train_progress_callback((lambda: sum(clock.batch_tokens)) if clock else None)
     trainer = SFTTrainer(
         model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer,
-        callbacks=[clock.callback(), progress] if clock else [progress],
+        callbacks=[*([clock.callback()] if clock else []), progress, final_checkpoint_model_only()],
     )
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
@@ -194,6 +200,7 @@ def train_adapter(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> Adapter
     import torch
 
     restore_lora_weights(live, first_try)
+    gc.collect()  # the failed attempt's activations and optimizer state, held in reference cycles
     torch.cuda.empty_cache()
     live.backend.force_gradient_checkpointing(live)
     retry = replace(live, gradient_checkpointing="unsloth")
@@ -242,7 +249,8 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
             output = load_finished_training(trainer, live.model, resume[0])
         else:
             output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
-        runtime = time.perf_counter() - clock.started
+        ended = time.perf_counter()
+        runtime = ended - clock.started
         # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
         step_seconds, step_tokens = clock.step_seconds(), summed_over_ranks(clock.step_tokens())
@@ -259,6 +267,8 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
             peak_memory_bytes=peak_memory_bytes(live.device),
             packing=bool(trainer.args.padding_free),
             first_step_seconds=step_seconds[0] if step_seconds else 0.0,
+            setup_seconds=clock.setup_seconds(),
+            finish_seconds=clock.finish_seconds(ended),
             step_seconds=step_seconds,
             step_tokens=step_tokens,
             resumed_from_step=resumed_from_step,
@@ -329,13 +339,35 @@ def train_or_explain_oom(trainer: Any, spec: TrainSpec, resume_from: str | None)
     import torch
 
     try:
-        return trainer.train(resume_from_checkpoint=resume_from)
+        with objects_alive_now_left_out_of_gc():
+            return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as exc:
         raise TrainingOutOfMemoryError(
             f"CUDA out of memory at train.per_device_batch_size={spec.train.per_device_batch_size} × "
             f"model.max_seq_length={spec.model.max_seq_length}: lower the batch size (raise gradient_accumulation_steps "
             f"to keep the effective batch) or the sequence length, or turn on lora.gradient_checkpointing. ({exc})"
         ) from None
+
+
+@contextmanager
+def objects_alive_now_left_out_of_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector skips every object alive on entry (the model's modules, the libraries'
+    ~10^5-10^6 objects) until the block ends; what the block creates is collected as usual.
+
+    Unsloth's training loop calls gc.collect() three times before the first step and accelerate once more, and
+    each pass walks the whole heap: 0.28 s per pass over 503 k objects with only transformers, TRL, PEFT, datasets
+    and Prefect imported (this workplace's CPU; docs/benchmarks.md), more with Unsloth and Triton. The periodic
+    full collections during the steps walk it too. gc.freeze() is Python's own tool for this (the gc module's
+    documentation). A caller that froze objects itself keeps its freeze: the block then changes nothing.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def published_adapter(spec: TrainSpec) -> AdapterRef | None:
