@@ -335,23 +335,72 @@ class as_before_setup_fixes:
          loraflow.training.final_checkpoint_model_only) = self.original
 
 
-def profiled(enabled: bool, call: Any) -> tuple[Any, str | None]:
-    """(call(), its cProfile report where `enabled`: the 30 functions with the most cumulative time, what the
-    trainer's loop spends outside the steps in (its callees), and who ran gc.collect)."""
-    if not enabled:
-        return call(), None
-    import cProfile
-    import io
-    import pstats
+class profiled_windows:
+    """cProfile of three windows of each training started inside the block (bench variant suffix `+prof`): set-up
+    (trainer.train() called → the trainer's on_train_begin), steady steps (steps 4-58: sorted by own time, where the
+    host's time per step goes) and finish (the last step's end → train() returned). The reports land in .reports."""
 
-    profiler = cProfile.Profile()
-    result = profiler.runcall(call)
-    report = io.StringIO()
-    stats = pstats.Stats(profiler, stream=report).sort_stats("cumulative")
-    stats.print_stats(30)
-    stats.print_callees("inner_training_loop|_prepare_for_training|_run_epoch")
-    stats.print_callers("collect|empty_cache|synchronize")
-    return result, report.getvalue()
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.reports: dict[str, str] = {}
+
+    def __enter__(self) -> "profiled_windows":
+        if not self.enabled:
+            return self
+        import cProfile
+
+        import loraflow.training
+        from transformers import TrainerCallback
+
+        windows = {name: cProfile.Profile() for name in ("setup", "steps", "finish")}
+        self.windows, self.original = windows, loraflow.training.build_trainer
+
+        class Windows(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                windows["setup"].disable()
+
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == 3:
+                    windows["steps"].enable()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == 58:
+                    windows["steps"].disable()
+                if state.global_step == state.max_steps:
+                    windows["finish"].enable()
+
+        def build_trainer(*args: Any, **kwargs: Any) -> Any:
+            trainer = self.original(*args, **kwargs)
+            trainer.add_callback(Windows())
+            train = trainer.train
+
+            def profiled_train(*train_args: Any, **train_kwargs: Any) -> Any:
+                windows["setup"].enable()
+                try:
+                    return train(*train_args, **train_kwargs)
+                finally:
+                    windows["finish"].disable()
+
+            trainer.train = profiled_train
+            return trainer
+
+        loraflow.training.build_trainer = build_trainer
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.enabled:
+            return
+        import io
+        import pstats
+
+        import loraflow.training
+
+        loraflow.training.build_trainer = self.original
+        for name, profile in self.windows.items():
+            report = io.StringIO()
+            stats = pstats.Stats(profile, stream=report)
+            stats.sort_stats("tottime" if name == "steps" else "cumulative").print_stats(40)
+            self.reports[name] = report.getvalue()
 
 
 def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
@@ -424,9 +473,8 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
                 loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
             torch.cuda.empty_cache()
             before = as_before_setup_fixes() if name.split(".")[0].startswith("packed-before") else contextlib.nullcontext()
-            with sft_overrides(**sft_fields), before:
-                trained, profile = profiled(name.endswith("+prof"), lambda: train(
-                    variant_live, prompts, settings, f"bench/{backend}-notebook-{name}"))
+            with sft_overrides(**sft_fields), before, profiled_windows(name.endswith("+prof")) as profile:
+                trained = train(variant_live, prompts, settings, f"bench/{backend}-notebook-{name}")
             skip = min(3, len(trained.step_seconds) // 2)
             figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
             figures.update(
@@ -435,7 +483,7 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
                 loss_first=trained.loss_first, loss_last=trained.loss_last,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
                 setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
-                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports,
             )
             result[f"notebook_{name}"] = figures
             log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
@@ -507,7 +555,7 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
                 loss_first=trained.loss_first, loss_last=trained.loss_last, layout=trained.layout,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
                 setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
-                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports,
             )
             del live
             result[f"notebook_{name}"] = figures
