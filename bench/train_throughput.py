@@ -255,6 +255,7 @@ NOTEBOOK_VARIANTS = {
     "packed": "the project's defaults (train.packing auto, lora.gradient_checkpointing auto, optimizer auto): the "
               "step's 16 examples in one padding-free row, checkpointing off where the activations fit, fused AdamW",
     "packed-ckpt": "packed, with Unsloth's gradient checkpointing forced on",
+    "packed-nogc": "packed, with no garbage collection at all during train() (a bound, not a setting)",
     "packed-before": "packed, as the project trained before 2026-12-01's set-up fixes: Python's gc walking the whole "
                      "heap in Unsloth's and accelerate's collections, optimizer state in the final checkpoint",
     "packed-8bit": "packed, with the notebook's adamw_8bit instead of auto's fused AdamW",
@@ -271,7 +272,7 @@ def notebook_variant(name: str, base: Any, unpacked_steps: int) -> tuple[Any, di
     if name == "notebook":  # the notebook's SFTConfig: optim="adamw_8bit", its rows as Unsloth's trainer makes them
         return base.model_copy(update={"packing": "false", "max_steps": unpacked_steps, "optimizer": "adamw_8bit"}), \
             {"padding_free": None}, True
-    if name in ("packed", "packed-ckpt", "packed-before"):
+    if name in ("packed", "packed-ckpt", "packed-before", "packed-nogc"):
         return base.model_copy(update={"packing": "auto"}), {}, True
     if name == "packed-8bit":  # the project's defaults but the notebook's optimizer: what `optimizer: auto` buys
         return base.model_copy(update={"packing": "auto", "optimizer": "adamw_8bit"}), {}, True
@@ -403,6 +404,80 @@ class profiled_windows:
             self.reports[name] = report.getvalue()
 
 
+def gc_probe() -> dict[str, Any]:
+    """What a full collection costs in this process now, with the heap frozen and not (diagnostics for the set-up)."""
+    import gc
+
+    def timed(generation: int = 2) -> float:
+        started = time.perf_counter()
+        gc.collect(generation)
+        return time.perf_counter() - started
+
+    probe: dict[str, Any] = {"python": sys.version.split()[0], "freeze_count": gc.get_freeze_count(),
+                             "tracked": [len(gc.get_objects(g)) for g in range(3)], "callbacks": len(gc.callbacks)}
+    probe["collect_s"] = [timed(), timed()]
+    probe["collect_gen0_s"], probe["collect_gen1_s"] = timed(0), timed(1)
+    gc.freeze()
+    probe["frozen_collect_s"] = [timed(), timed()]
+    gc.unfreeze()
+    return probe
+
+
+class gc_events:
+    """Every collection during the block through gc.callbacks: generation, seconds, objects collected."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.events, self.started = enabled, [], 0.0
+
+    def __enter__(self) -> "gc_events":
+        import gc
+
+        if self.enabled:
+            gc.callbacks.append(self.callback)
+        return self
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        import gc
+
+        if phase == "start":
+            self.started = time.perf_counter()
+            self.frozen = gc.get_freeze_count()
+        else:
+            self.events.append((info["generation"], round(time.perf_counter() - self.started, 4), info["collected"],
+                                self.frozen))
+
+    def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        if self.enabled:
+            gc.callbacks.remove(self.callback)
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        full = [e for e in self.events if e[0] == 2]
+        return {"count_by_generation": [sum(e[0] == g for e in self.events) for g in range(3)],
+                "seconds_by_generation": [round(sum(e[1] for e in self.events if e[0] == g), 3) for g in range(3)],
+                "full": full[:20]}
+
+
+class no_gc:
+    """Bench variant `packed-nogc`: no collection at all during the block (gc disabled, gc.collect a no-op): the
+    most the set-up and the steps could gain from Python's collector."""
+
+    def __enter__(self) -> None:
+        import gc
+
+        self.collect, gc.collect = gc.collect, lambda generation=2: 0
+        gc.disable()
+
+    def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        gc.collect = self.collect
+        gc.enable()
+
+
 def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int, steps: int, params: int,
             work: Path, variants: list[str], unpacked_steps: int) -> dict[str, Any]:
     """The project's own task functions, as the flow calls them. `path` is the backend, optionally with a memory cap
@@ -458,6 +533,8 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
 
     if variants:
         prompts, mean_tokens = notebook_prompts(live.tokenizer, write_notebook_data(work))
+        result["gc_probe"] = gc_probe()
+        log(f"gc probe: {result['gc_probe']}")
         # The notebook: batch 4 × accumulation 4, warm-up 5, 60 steps at 2e-4 = 960 examples seen once.
         notebook_train = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, warmup_steps=5,
                                        max_steps=60, learning_rate=2e-4, optimizer="auto")
@@ -473,7 +550,9 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
                 loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
             torch.cuda.empty_cache()
             before = as_before_setup_fixes() if name.split(".")[0].startswith("packed-before") else contextlib.nullcontext()
-            with sft_overrides(**sft_fields), before, profiled_windows(name.endswith("+prof")) as profile:
+            nogc = no_gc() if name.split(".")[0].startswith("packed-nogc") else contextlib.nullcontext()
+            with sft_overrides(**sft_fields), before, nogc, profiled_windows(name.endswith("+prof")) as profile, \
+                    gc_events(name.endswith("+prof")) as collections:
                 trained = train(variant_live, prompts, settings, f"bench/{backend}-notebook-{name}")
             skip = min(3, len(trained.step_seconds) // 2)
             figures = step_figures(trained.step_seconds, trained.step_tokens, skip, params)
@@ -483,7 +562,7 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
                 loss_first=trained.loss_first, loss_last=trained.loss_last,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
                 setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
-                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports, gc=collections.summary(),
             )
             result[f"notebook_{name}"] = figures
             log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
@@ -555,7 +634,7 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
                 loss_first=trained.loss_first, loss_last=trained.loss_last, layout=trained.layout,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
                 setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
-                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports,
+                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports, gc=collections.summary(),
             )
             del live
             result[f"notebook_{name}"] = figures
