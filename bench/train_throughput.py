@@ -256,8 +256,9 @@ NOTEBOOK_VARIANTS = {
               "step's 16 examples in one padding-free row, checkpointing off where the activations fit, fused AdamW",
     "packed-ckpt": "packed, with Unsloth's gradient checkpointing forced on",
     "packed-nogc": "packed, with no garbage collection at all during train() (a bound, not a setting)",
-    "packed-before": "packed, as the project trained before 2026-12-01's set-up fixes: Python's gc walking the whole "
-                     "heap in Unsloth's and accelerate's collections, optimizer state in the final checkpoint",
+    "packed-before": "packed, as the project trained before 2026-12-01's set-up fixes: no freeze of its own (Unsloth's "
+                     "stands aside), so Python's gc walks the whole heap in Unsloth's and accelerate's collections; "
+                     "optimizer state in the final checkpoint",
     "packed-8bit": "packed, with the notebook's adamw_8bit instead of auto's fused AdamW",
     "segments": "packed, but attention as Unsloth does it on torch 2.11: one SDPA call per example",
     "merged": "unpacked, accumulation folded into the batch: one padded 16-row micro-batch per step",
@@ -405,7 +406,8 @@ class profiled_windows:
 
 
 def gc_probe() -> dict[str, Any]:
-    """What a full collection costs in this process now, with the heap frozen and not (diagnostics for the set-up)."""
+    """What a full collection costs in this process now, and what is frozen already (diagnostics for the set-up;
+    it changes nothing: no freeze, no unfreeze)."""
     import gc
 
     def timed(generation: int = 2) -> float:
@@ -413,14 +415,9 @@ def gc_probe() -> dict[str, Any]:
         gc.collect(generation)
         return time.perf_counter() - started
 
-    probe: dict[str, Any] = {"python": sys.version.split()[0], "freeze_count": gc.get_freeze_count(),
-                             "tracked": [len(gc.get_objects(g)) for g in range(3)], "callbacks": len(gc.callbacks)}
-    probe["collect_s"] = [timed(), timed()]
-    probe["collect_gen0_s"], probe["collect_gen1_s"] = timed(0), timed(1)
-    gc.freeze()
-    probe["frozen_collect_s"] = [timed(), timed()]
-    gc.unfreeze()
-    return probe
+    return {"python": sys.version.split()[0], "freeze_count": gc.get_freeze_count(),
+            "tracked": [len(gc.get_objects(g)) for g in range(3)], "callbacks": len(gc.callbacks),
+            "collect_s": [timed(), timed()]}
 
 
 class gc_events:
@@ -437,14 +434,10 @@ class gc_events:
         return self
 
     def callback(self, phase: str, info: dict[str, int]) -> None:
-        import gc
-
         if phase == "start":
             self.started = time.perf_counter()
-            self.frozen = gc.get_freeze_count()
         else:
-            self.events.append((info["generation"], round(time.perf_counter() - self.started, 4), info["collected"],
-                                self.frozen))
+            self.events.append((info["generation"], round(time.perf_counter() - self.started, 4), info["collected"]))
 
     def __exit__(self, *exc: Any) -> None:
         import gc
@@ -533,8 +526,9 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
 
     if variants:
         prompts, mean_tokens = notebook_prompts(live.tokenizer, write_notebook_data(work))
-        result["gc_probe"] = gc_probe()
-        log(f"gc probe: {result['gc_probe']}")
+        if any(name.endswith("+prof") for name in variants):
+            result["gc_probe"] = gc_probe()
+            log(f"gc probe: {result['gc_probe']}")
         # The notebook: batch 4 × accumulation 4, warm-up 5, 60 steps at 2e-4 = 960 examples seen once.
         notebook_train = TrainSettings(per_device_batch_size=4, gradient_accumulation_steps=4, warmup_steps=5,
                                        max_steps=60, learning_rate=2e-4, optimizer="auto")
