@@ -144,6 +144,10 @@ def test_a_resumed_training_continues_the_loss_curve_of_an_uninterrupted_one(
 
     uninterrupted = train(tmp_path / "one")
     assert uninterrupted.resumed_from_step == 0
+    # train()'s time: set-up inside step 1, the final checkpoint after the last step, both within the whole
+    assert 0 < uninterrupted.setup_seconds < uninterrupted.first_step_seconds
+    assert 0 < uninterrupted.finish_seconds
+    assert sum(uninterrupted.step_seconds) + uninterrupted.finish_seconds == pytest.approx(uninterrupted.runtime_seconds)
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "checkpoint_sync_callback", crash_at(5))
@@ -179,6 +183,16 @@ def test_a_training_whose_last_checkpoint_is_stored_is_restored_not_trained_one_
         return train_module.train_adapter(live, prompts, spec).metrics
 
     first = train("adapters/first")
+    # The last checkpoint holds what a restore reads, not the optimizer a resume would; the one before holds both.
+    store = LocalStore(tmp_path)
+    final, earlier = stored_checkpoints(store, PREFIX)
+    assert (final.step, earlier.step) == (4, 2)
+    names = {c.step: {p.name for p in store.get_folder(c.key, tmp_path / f"got-{c.step}").iterdir()}
+             for c in (final, earlier)}
+    assert {"adapter_model.safetensors", "trainer_state.json"} <= names[4]
+    assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth"} & names[4]
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= names[2]
+
     again = train("adapters/again")  # same checkpoints prefix: finds step 4 complete
     assert again.resumed_from_step == 4 and again.steps == 4 and not again.step_seconds
     assert again.losses == first.losses
