@@ -250,6 +250,7 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
         else:
             output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
         ended = time.perf_counter()
+        release_optimizer_state(trainer)
         runtime = ended - clock.started
         # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
@@ -367,6 +368,16 @@ def objects_alive_now_left_out_of_gc() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def release_optimizer_state(trainer: Any) -> None:
+    """Free the optimizer's moments now: AdamW keeps 2 × 4 B per trainable parameter (336 MB of GPU memory for
+    LoRA r=16 on the seven projections of an 8B). The trainer sits in reference cycles that only a full collection
+    breaks, and the next training's heap freeze (objects_alive_now_left_out_of_gc) would keep them alive through
+    it: each training in one process would hold one more optimizer's state (measured: +0.31 GiB peak per repeat)."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is not None:
+        optimizer.state.clear()
 
 
 def published_adapter(spec: TrainSpec) -> AdapterRef | None:

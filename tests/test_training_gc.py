@@ -65,3 +65,45 @@ def test_the_heap_is_given_back_when_training_raises() -> None:
         with objects_alive_now_left_out_of_gc():
             raise RuntimeError("CUDA out of memory")
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+def test_the_optimizers_moments_are_freed_when_training_returns(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a collection, though the trainer lives on in a reference cycle (as Unsloth's patched trainer does):
+    the next training's freeze would otherwise keep them (one optimizer's state more per training in one process)."""
+    import loraflow.training as train_module
+    from loraflow.backends import attach_lora, load_model
+    from loraflow.config import load_config, parse_assignment
+    from loraflow.data import read_dataset
+    from loraflow.prompts import format_prompts, load_tokenizer
+    from tests.conftest import TINY_CONFIG
+    from transformers import TrainerCallback
+
+    cfg = load_config(TINY_CONFIG, [parse_assignment("train.max_steps=2")])
+    prompts = format_prompts(read_dataset(cfg.data.uri), None, cfg.prompt, cfg.data, cfg.infer,
+                             load_tokenizer(cfg.model.name, None))
+    live = attach_lora(load_model(cfg.model, "transformers"), cfg.lora, cfg.model.max_seq_length, cfg.train.seed)
+    moments: list[weakref.ref] = []
+
+    class KeepAnEye(TrainerCallback):
+        def on_train_end(self, args, state, control, optimizer=None, **kwargs) -> None:  # noqa: ANN001
+            moments.extend(weakref.ref(t) for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+
+    build = train_module.build_trainer
+
+    def build_watched(*args, **kwargs):  # noqa: ANN002, ANN003
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(KeepAnEye())
+        trainer.itself = trainer  # a cycle: reference counting alone never frees this trainer
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_watched)
+    spec = train_module.TrainSpec(model=cfg.model, lora=cfg.lora, train=cfg.train, backend="transformers",
+                                  store_uri=str(tmp_path), prompts_key="prompts/unused.json", adapter_key="adapters/k")
+    gc.disable()  # only reference counting may free them
+    try:
+        assert train_module.train_adapter(live, prompts, spec).metrics.steps == 2
+        assert moments, "the optimizer kept no state to watch"
+        assert all(ref() is None for ref in moments)
+    finally:
+        gc.enable()
