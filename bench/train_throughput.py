@@ -561,7 +561,8 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
             result[f"notebook_{name}"] = figures
             log(f"{backend} notebook {name}: {trained.steps} steps, train() {trained.runtime_seconds:.1f} s, "
                 f"{figures['tokens_per_s']:.0f} real tokens/s steady, first step {figures['first_step_s']:.1f} s, "
-                f"held-out loss {figures['held_out_loss']:.4f}")
+                f"held-out loss {figures['held_out_loss']:.4f}, set-up {figures['setup_s']:.2f} s, steps 2.. "
+                f"{figures['steps_after_first_s']:.1f} s, finish {figures['finish_s']:.2f} s, peak {figures['peak_gib']:.2f} GiB")
         if backend == "unsloth":
             loraflow.backend_unsloth.use_flash_varlen(True)
     return result
