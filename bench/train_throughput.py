@@ -339,7 +339,8 @@ class as_before_setup_fixes:
 
 class profiled_windows:
     """cProfile of three windows of each training started inside the block (bench variant suffix `+prof`): set-up
-    (trainer.train() called → the trainer's on_train_begin), steady steps (steps 4-58: sorted by own time, where the
+    (trainer.train() called → the trainer's on_train_begin), steady steps (steps 4-58, or 4 to the one before the
+    last in a shorter training: sorted by own time, where the
     host's time per step goes) and finish (the last step's end → train() returned). The reports land in .reports."""
 
     def __init__(self, enabled: bool):
@@ -362,11 +363,11 @@ class profiled_windows:
                 windows["setup"].disable()
 
             def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if state.global_step == 3:
+                if state.global_step == 3 and state.max_steps > 4:
                     windows["steps"].enable()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if state.global_step == 58:
+                if state.global_step == min(58, state.max_steps - 1) and state.max_steps > 4:
                     windows["steps"].disable()
                 if state.global_step == state.max_steps:
                     windows["finish"].enable()
@@ -434,6 +435,7 @@ class gc_events:
         return self
 
     def callback(self, phase: str, info: dict[str, int]) -> None:
+        """gc.callbacks' signature: `phase` "start" or "stop", `info` with the generation and objects collected."""
         if phase == "start":
             self.started = time.perf_counter()
         else:
@@ -446,6 +448,7 @@ class gc_events:
             gc.callbacks.remove(self.callback)
 
     def summary(self) -> dict[str, Any] | None:
+        """Collections per generation, their seconds, and the first 20 full ones; None where not enabled."""
         if not self.enabled:
             return None
         full = [e for e in self.events if e[0] == 2]
@@ -629,7 +632,7 @@ def ddp(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: int,
                 loss_first=trained.loss_first, loss_last=trained.loss_last, layout=trained.layout,
                 held_out_loss=held_out_loss(live, prompts), peak_gib=trained.peak_memory_bytes / 2**30,
                 setup_s=trained.setup_seconds, finish_s=trained.finish_seconds,
-                steps_after_first_s=sum(trained.step_seconds[1:]), profile=profile.reports, gc=collections.summary(),
+                steps_after_first_s=sum(trained.step_seconds[1:]),
             )
             del live
             result[f"notebook_{name}"] = figures

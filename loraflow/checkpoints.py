@@ -2,7 +2,8 @@
 
     checkpoints/<train cache key>/step-<N>-<attempt>/    the trainer's checkpoint-<N> folder: adapter, optimizer,
                                                          scheduler, RNG states, trainer_state.json (global step,
-                                                         loss history; the data position follows from the step)
+                                                         loss history; the data position follows from the step);
+                                                         the last step's: adapter and trainer_state.json only
     checkpoints/<train cache key>/step-<N>-<attempt>/manifest.json    written last: the checkpoint is complete
 
 Every training attempt writes under its own random `<attempt>` suffix, so two runs of one config never write the
@@ -100,7 +101,9 @@ def final_checkpoint_model_only() -> Any:
     optimizer, scheduler and RNG states. A finished training is never resumed, only restored
     (load_finished_training), so those would be written and copied to the store for nothing: AdamW's two moments
     are 2 × 4 B per trainable parameter, 336 MB for LoRA r=16 on the seven projections of an 8B (41.9 M), twice
-    the adapter. Earlier checkpoints keep everything a resume needs."""
+    the adapter. Earlier checkpoints keep everything a resume needs. It sets the trainer's
+    `args.save_only_model` at the last step (so that run's training_args.bin says True); use it only where
+    final_checkpoint_may_be_model_only says so."""
     from transformers import TrainerCallback
 
     class FinalCheckpointModelOnly(TrainerCallback):
@@ -110,6 +113,17 @@ def final_checkpoint_model_only() -> Any:
                 args.save_only_model = True
 
     return FinalCheckpointModelOnly()
+
+
+SHARDED_TRAINING_SETTINGS = ("fsdp", "fsdp_config", "deepspeed")
+
+
+def final_checkpoint_may_be_model_only(train: Any) -> bool:
+    """False where `train.trainer_args` turns on FSDP or DeepSpeed (SHARDED_TRAINING_SETTINGS): their checkpoints
+    are the trainer's own, and their checks of save_only_model run when the trainer is built, before a callback
+    could change it. (save_only_model, push_to_hub and hub_strategy are loraflow's: config validation refuses them
+    in trainer_args, loraflow.tracking.OWNED_TRAINER_ARGS.)"""
+    return not set(SHARDED_TRAINING_SETTINGS) & set(train.trainer_args)
 
 
 def checkpoint_sync_callback(store: Store, prefix: str, attempt: str, keep: int) -> Any:

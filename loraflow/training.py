@@ -6,8 +6,9 @@ process the live model from attach-LoRA is passed in (no second load); a fresh p
 `python -m loraflow.training <spec.json>`, loading and attaching itself.
 
 Every `train.save_steps` the trainer writes a checkpoint (adapter, optimizer, scheduler, RNG states, step), copied
-to the store under the spec's checkpoints prefix (loraflow/checkpoints.py). A later attempt with the same spec (a
-task retry, a flow retry, a rerun after a crash) resumes from the newest complete one.
+to the store under the spec's checkpoints prefix (loraflow/checkpoints.py); the one of the last step holds the
+adapter and the step only. A later attempt with the same spec (a task retry, a flow retry, a rerun after a crash)
+resumes from the newest complete one, or takes the last one as the finished training.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from loraflow.batching import BatchLayout, batch_layout, memorisation_note, pack
 from loraflow.builders import build_sft_config
 from loraflow.cache_keys import adapter_key, checkpoints_prefix, train_key
 from loraflow.checkpoints import (
-    checkpoint_sync_callback, fetch_latest_checkpoint, final_checkpoint_model_only, finished_training,
-    load_finished_training, new_attempt_id,
+    checkpoint_sync_callback, fetch_latest_checkpoint, final_checkpoint_may_be_model_only, final_checkpoint_model_only,
+    finished_training, load_finished_training, new_attempt_id,
 )
 from loraflow.compile_cache import (
     COMPILE_CACHE_PREFIX, compile_cache_tag, publish_compile_cache, restore_compile_cache,
@@ -170,7 +171,8 @@ def build_trainer(
     progress = train_progress_callback((lambda: sum(clock.batch_tokens)) if clock else None)
     trainer = SFTTrainer(
         model=live.model, args=args, train_dataset=HFDataset.from_dict(rows), processing_class=live.tokenizer,
-        callbacks=[*([clock.callback()] if clock else []), progress, final_checkpoint_model_only()],
+        callbacks=[*([clock.callback()] if clock else []), progress,
+                   *([final_checkpoint_model_only()] if final_checkpoint_may_be_model_only(train) else [])],
     )
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; the printer would add a dict per step
     if clock:
@@ -248,9 +250,11 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
         if resume and finished_training(resume[0]):  # e.g. the adapter's publish failed after the last checkpoint
             output = load_finished_training(trainer, live.model, resume[0])
         else:
-            output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
+            try:
+                output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
+            finally:  # also when training fails: a task retry in this process trains beside what is left
+                release_optimizer_state(trainer)
         ended = time.perf_counter()
-        release_optimizer_state(trainer)
         runtime = ended - clock.started
         # After a resume the history holds the checkpoint's steps too: one loss curve, steps 1..N.
         losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
@@ -371,10 +375,12 @@ def objects_alive_now_left_out_of_gc() -> Iterator[None]:
 
 
 def release_optimizer_state(trainer: Any) -> None:
-    """Free the optimizer's moments now: AdamW keeps 2 × 4 B per trainable parameter (336 MB of GPU memory for
-    LoRA r=16 on the seven projections of an 8B). The trainer sits in reference cycles that only a full collection
-    breaks, and the next training's heap freeze (objects_alive_now_left_out_of_gc) would keep them alive through
-    it: each training in one process would hold one more optimizer's state (measured: +0.31 GiB peak per repeat)."""
+    """Free the optimizer's state now, whether training finished or failed: fused AdamW keeps 2 × 4 B per trainable
+    parameter (336 MB of GPU memory for LoRA r=16 on the seven projections of an 8B, 41.9 M parameters; 84 MB
+    with 8-bit AdamW). Unsloth's trainer sits in reference cycles that only a full collection breaks, and the next
+    training's heap freeze (objects_alive_now_left_out_of_gc) keeps whatever is garbage then alive through that
+    training: every training in one process held one optimizer's state more (peak +0.31 GiB per repeat, run V in
+    docs/benchmarks.md). The trainer is not used for training again afterwards."""
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is not None:
         optimizer.state.clear()
