@@ -361,10 +361,10 @@ def objects_alive_now_left_out_of_gc() -> Iterator[None]:
 
     Unsloth's and accelerate's set-up before the first step run four full collections, and Unsloth's clean-up after
     the last step one more; each walks the whole heap, 0.58 s per pass on the H200 machine (docs/benchmarks.md,
-    "Python's collector in train()"). gc.freeze() is Python's tool for this (the gc module's documentation).
-    Unsloth has its own freeze around Trainer.train(), but it stands aside when anything at all is frozen already,
-    and in its own process something always is (375 objects frozen by the time training starts), so it never
-    freezes. Python cannot unfreeze only some objects: on exit every frozen object is unfrozen, an earlier freeze
+    "Where train()'s time outside the steps went"). gc.freeze() is Python's tool for this (the gc module's
+    documentation). Unsloth has its own freeze around Trainer.train(), but it stands aside when anything at all is
+    frozen already, and in the Unsloth processes measured something was (375 objects, frozen before training
+    started), so it did not freeze. Python cannot unfreeze only some objects: on exit every frozen object is unfrozen, an earlier freeze
     included (nothing in this process depends on one: a frozen object is only exempt from cycle collection).
     """
     gc.freeze()
