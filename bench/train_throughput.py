@@ -320,8 +320,6 @@ class as_before_setup_fixes:
     final checkpoint (bench variant `packed-before` only): the same call measures what those two save."""
 
     def __enter__(self) -> None:
-        import contextlib
-
         import loraflow.training
         from transformers import TrainerCallback
 
@@ -546,8 +544,9 @@ def project(path: str, model_dir: Path, layouts: list[tuple[int, int]], warmup: 
             if backend == "unsloth":
                 loraflow.backend_unsloth.set_gradient_checkpointing(live.model, "unsloth")  # as attach-LoRA left it
             torch.cuda.empty_cache()
-            before = as_before_setup_fixes() if name.split(".")[0].startswith("packed-before") else contextlib.nullcontext()
-            nogc = no_gc() if name.split(".")[0].startswith("packed-nogc") else contextlib.nullcontext()
+            kind = name.split(".")[0].removesuffix("+prof")  # packed.2+prof: a profiled repeat of packed
+            before = as_before_setup_fixes() if kind == "packed-before" else contextlib.nullcontext()
+            nogc = no_gc() if kind == "packed-nogc" else contextlib.nullcontext()
             with sft_overrides(**sft_fields), before, nogc, profiled_windows(name.endswith("+prof")) as profile, \
                     gc_events(name.endswith("+prof")) as collections:
                 trained = train(variant_live, prompts, settings, f"bench/{backend}-notebook-{name}")

@@ -251,7 +251,8 @@ def train_once(live: LiveModel, prompts: Prompts, spec: TrainSpec) -> AdapterRef
             output = load_finished_training(trainer, live.model, resume[0])
         else:
             try:
-                output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
+                with objects_alive_now_left_out_of_gc():
+                    output = train_or_explain_oom(trainer, spec, str(resume[0]) if resume else None)
             finally:  # also when training fails: a task retry in this process trains beside what is left
                 release_optimizer_state(trainer)
         ended = time.perf_counter()
@@ -344,8 +345,7 @@ def train_or_explain_oom(trainer: Any, spec: TrainSpec, resume_from: str | None)
     import torch
 
     try:
-        with objects_alive_now_left_out_of_gc():
-            return trainer.train(resume_from_checkpoint=resume_from)
+        return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as exc:
         raise TrainingOutOfMemoryError(
             f"CUDA out of memory at train.per_device_batch_size={spec.train.per_device_batch_size} × "
@@ -364,8 +364,9 @@ def objects_alive_now_left_out_of_gc() -> Iterator[None]:
     "Where train()'s time outside the steps went"). gc.freeze() is Python's tool for this (the gc module's
     documentation). Unsloth has its own freeze around Trainer.train(), but it stands aside when anything at all is
     frozen already, and in the Unsloth processes measured something was (375 objects, frozen before training
-    started), so it did not freeze. Python cannot unfreeze only some objects: on exit every frozen object is unfrozen, an earlier freeze
-    included (nothing in this process depends on one: a frozen object is only exempt from cycle collection).
+    started), so it did not freeze. Python cannot unfreeze only some objects: on exit every frozen object is
+    unfrozen, an earlier freeze included (nothing in this process depends on one: a frozen object is only exempt
+    from cycle collection).
     """
     gc.freeze()
     try:
