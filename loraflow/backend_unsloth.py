@@ -132,9 +132,9 @@ def for_training(model: Any) -> None:
     FastLanguageModel.for_training(model)
 
 
-def loss_type(live: LiveModel) -> str:
-    """"nll", so the loss is Unsloth's fused cross-entropy. TRL's chunked head would bypass the model's forward
-    (Unsloth pins "nll" as the default itself, but any explicit value, None included, overrides that pin)."""
+def loss_type(live: LiveModel, completion_only_loss: bool) -> str:
+    """"nll" whatever the loss covers, so the loss is Unsloth's fused cross-entropy. TRL's chunked head would
+    bypass the model's forward (Unsloth pins "nll" as the default itself, but any explicit value, None included, overrides that pin)."""
     return "nll"
 
 

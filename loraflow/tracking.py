@@ -89,7 +89,7 @@ OWNED_TRAINER_ARGS = {
     "completion_only_loss": "set train.completion_only_loss",
     "assistant_only_loss": "set train.completion_only_loss (loss on the last answer only)",
     "loss_type": "loraflow picks the loss for the backend (Unsloth's fused cross-entropy; TRL's chunked head on a "
-                 "transformers GPU)",
+                 "transformers GPU, or on a CPU with train.completion_only_loss)",
     "gradient_checkpointing": "set lora.gradient_checkpointing (attach-LoRA turns it on)",
     "gradient_checkpointing_kwargs": "set lora.gradient_checkpointing (attach-LoRA turns it on)",
     "dataset_text_field": "format-prompts builds the training rows",

@@ -158,7 +158,8 @@ def build_trainer(
     packing = packing_enabled(train, live.backend.SUPPORTS_PACKING)
     lengths = [len(ids) for ids in live.tokenizer(prompts.train_texts)["input_ids"]]
     layout = batch_layout(train, model, lengths, packing, current_world_size())
-    args = build_sft_config(train, layout, live.device == "cuda", live.dtype, live.backend.loss_type(live), packing,
+    loss_type = live.backend.loss_type(live, train.completion_only_loss)
+    args = build_sft_config(train, layout, live.device == "cuda", live.dtype, loss_type, packing,
                             work_dir / "checkpoints", run_name=flow_run_name())
     log_plan(train, lengths, layout, packing)
     live.checkpointing_decision = live.backend.prepare_for_training(

@@ -100,7 +100,8 @@ def packing_check() -> dict[str, Any]:
 
     model_cfg = ModelConfig(name="loraflow:tiny-llama", backend="unsloth", load_in_4bit=True, max_seq_length=512)
     live = attach_lora(load_model(model_cfg, "unsloth"), LoraSettings(gradient_checkpointing="unsloth"), 512, seed=3407)
-    assert unsloth_backend.loss_type(live) == "nll"  # Unsloth's fused cross-entropy: an explicit chunked_nll skips it
+    # Unsloth's fused cross-entropy whatever the loss covers: an explicit chunked_nll would skip it
+    assert unsloth_backend.loss_type(live, True) == unsloth_backend.loss_type(live, False) == "nll"
     demo = json.loads((ROOT / "data" / "demo" / "sentiment_zh.json").read_text(encoding="utf-8"))
     texts = [f"{row['instruction']}\n{row['input'] * (1 + i % 3)}\n答:{row['output']}{live.tokenizer.eos_token}"
              for i, row in enumerate(demo[:8])]

@@ -86,8 +86,9 @@ def test_checkpointing_stays_on_when_the_memory_is_not_there() -> None:
 
 @pytest.mark.skipif(cuda_available(), reason="the CPU's choice; a CUDA box keeps TRL's default")
 def test_cpu_trainer_computes_the_loss_without_chunked_recompute(tmp_path) -> None:
-    """On a CPU (this suite's machine) the SFT config asks for the plain loss: TRL's chunked default recomputes
-    the lm_head under checkpointing, ~40 % slower a step here; padded rows, no TRL bin-packing."""
+    """On a CPU (this suite's machine) with the loss on every token, the SFT config asks for the plain loss: TRL's
+    chunked default recomputes the lm_head under checkpointing, ~40 % slower a step here; padded rows, no TRL
+    bin-packing."""
     import torch
 
     from loraflow import backend_transformers
@@ -95,14 +96,18 @@ def test_cpu_trainer_computes_the_loss_without_chunked_recompute(tmp_path) -> No
 
     cpu_model = SimpleNamespace(device="cpu")
     layout = batch_layout(NOTEBOOK, MODEL, [], packing=False)
-    config = build_sft_config(NOTEBOOK, layout, False, torch.float32, backend_transformers.loss_type(cpu_model), False,
-                              tmp_path)
+    loss_type = backend_transformers.loss_type(cpu_model, completion_only_loss=False)
+    config = build_sft_config(NOTEBOOK, layout, False, torch.float32, loss_type, False, tmp_path)
     assert config.loss_type == "nll" and config.use_cpu and not config.packing and not config.padding_free
 
 
-def test_trls_chunked_loss_on_a_transformers_gpu() -> None:
+@pytest.mark.parametrize(("device", "completion_only_loss", "expected"), [
+    ("cuda", False, "chunked_nll"), ("cuda", True, "chunked_nll"),  # never a 128k vocabulary's logits at once
+    ("cpu", False, "nll"),  # every position is labelled: chunking only adds the recompute
+    ("cpu", True, "chunked_nll"),  # the prompt tokens never reach the vocabulary
+])
+def test_trls_chunked_loss_where_it_saves_work(device: str, completion_only_loss: bool, expected: str) -> None:
     """Unsloth's own rule ("nll": its fused cross-entropy) is checked where Unsloth imports: tests/test_gpu.py."""
     from loraflow import backend_transformers
 
-    assert backend_transformers.loss_type(SimpleNamespace(device="cuda")) == "chunked_nll"
-    assert backend_transformers.loss_type(SimpleNamespace(device="cpu")) == "nll"
+    assert backend_transformers.loss_type(SimpleNamespace(device=device), completion_only_loss) == expected
