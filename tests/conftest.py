@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -56,12 +57,35 @@ def isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`loraflow ...` in a fresh interpreter, as a user would run it."""
+@pytest.fixture(scope="session", autouse=True)
+def session_prefect_server(isolated_prefect_home: Path) -> Iterator[str]:
+    """One real Prefect server on the session's database, named by PREFECT_API_URL for this process and every
+    `loraflow run` it starts (tests/prefect_reads.py says why); tests of the temporary server a run starts without
+    it use `without_session_server`."""
+    from tests.prefect_reads import start_session_server, stop_session_server
+
+    os.environ["PREFECT_API_URL"] = start_session_server()
+    yield os.environ["PREFECT_API_URL"]
+    os.environ.pop("PREFECT_API_URL", None)
+    stop_session_server()
+
+
+def without_session_server(prefect_home: Path) -> dict[str, str]:
+    """The environment of a `loraflow run` that starts Prefect's temporary server itself, as a user's run without
+    PREFECT_API_URL does: no API URL, and a Prefect home (database) of its own."""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    return {**env, "PREFECT_HOME": str(prefect_home)}
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600,
+            temporary_server_home: Path | None = None) -> subprocess.CompletedProcess:
+    """`loraflow ...` in a fresh interpreter, as a user would run it: reporting to the session's Prefect server, or,
+    given `temporary_server_home`, to the temporary server it starts itself on that Prefect home."""
+    base = without_session_server(temporary_server_home) if temporary_server_home else os.environ
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,9 +1,12 @@
 """Read what a flow run left in Prefect (its state, its artifacts) through Prefect's own client.
 
-`loraflow run` in a subprocess and the test process share PREFECT_HOME (see conftest), so a Prefect server
-started here serves the same database once the run's process has exited. The reader starts and stops that
-server itself: the ephemeral one that a bare get_client() starts is stopped at interpreter exit, after
-pytest has closed the stream its shutdown logs to.
+Each test process (each pytest-xdist worker) runs one Prefect server on its session's database for the whole
+session (tests/conftest.py: session_prefect_server, which sets PREFECT_API_URL): every `loraflow run` the tests
+start reports to it, as a user's run reports to their server, and the reader asks it. A server's start costs
+~12 s of CPU on this machine; one per `loraflow run` and one more per reader was minutes of the suite. The
+temporary server a run starts when no PREFECT_API_URL is set has tests of its own (tests/test_cli_signals.py,
+tests/test_temporary_server.py), on a Prefect home of their own: two servers on one SQLite file would contend for
+its lock.
 """
 
 from __future__ import annotations
@@ -13,21 +16,40 @@ from uuid import UUID
 
 STARTUP_TIMEOUT_SECONDS = 120  # a fresh database's migrations on a busy 2-core machine (as in cli/main.py)
 
+_session_server: Any = None
 
-class PrefectReader:
-    """`with PrefectReader() as prefect: prefect.artifacts(run_id)`: a server on this session's database, for as
-    long as the block lasts. Start it only after the run's process has exited: two servers on one SQLite file
-    would contend for its lock."""
 
-    def __enter__(self) -> "PrefectReader":
+def start_session_server() -> str:
+    """Start this process's Prefect server on PREFECT_HOME's database (once); returns its API URL.
+    Raises RuntimeError (Prefect's) when it does not answer within STARTUP_TIMEOUT_SECONDS."""
+    global _session_server
+    if _session_server is None:
         from prefect.server.api.server import SubprocessASGIServer
 
-        self.server = SubprocessASGIServer()
-        self.server.start(timeout=STARTUP_TIMEOUT_SECONDS)
+        server = SubprocessASGIServer()
+        server.start(timeout=STARTUP_TIMEOUT_SECONDS)
+        _session_server = server
+    return _session_server.api_url
+
+
+def stop_session_server() -> None:
+    global _session_server
+    if _session_server is not None:
+        _session_server.stop()
+        _session_server = None
+
+
+class PrefectReader:
+    """`with PrefectReader() as prefect: prefect.artifacts(run_id)`: the session's server (started if it is not
+    yet), read through Prefect's client."""
+
+    def __enter__(self) -> "PrefectReader":
+        start_session_server()
+        self.server = _session_server
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.stop()
+        pass  # the server is the session's: session_prefect_server stops it
 
     def client(self) -> Any:
         from prefect.client.orchestration import SyncPrefectClient

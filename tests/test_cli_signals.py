@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_CONFIG, run_cli
+from tests.conftest import ROOT, TINY_CONFIG, run_cli, without_session_server
 
 pytestmark = [
     pytest.mark.slow,  # training runs, stopped and started again
@@ -26,11 +26,12 @@ pytestmark = [
 
 
 def start_run(work: Path) -> tuple[subprocess.Popen, list[str]]:
-    """A tiny run in a session of its own, read until its first checkpoint is in the store."""
+    """A tiny run in a session of its own, without PREFECT_API_URL (so with Prefect's temporary server), read until
+    its first checkpoint is in the store."""
     command = [sys.executable, "-m", "cli", "run", "--config", str(TINY_CONFIG), "--output", str(work / "out"),
                "--set", f"output.store={work / 'store'}", "--set", "train.save_steps=20"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env=without_session_server(work / "prefect-home"))
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -65,7 +66,8 @@ def test_a_stopped_run_exits_at_once_leaves_no_server_and_resumes(how: str, tmp_
         return  # resuming after a SIGKILL is tests/test_interruptions.py's
     assert any("Crashed('Execution was aborted by a termination signal.')" in line for line in lines), "".join(lines)[-3000:]
     again = run_cli("run", "--config", str(TINY_CONFIG), "--output", str(tmp_path / "out"),
-                    "--set", f"output.store={tmp_path / 'store'}", "--set", "train.save_steps=20")
+                    "--set", f"output.store={tmp_path / 'store'}", "--set", "train.save_steps=20",
+                    temporary_server_home=tmp_path / "prefect-home")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 20

@@ -6,10 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, without_session_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the own-session server is Linux's")
 
@@ -32,9 +33,10 @@ ABANDON_MID_START = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("seconds_into_start", [0.5, 3.0])
-def test_abandon_kills_a_booting_server_silently(seconds_into_start: float) -> None:
+def test_abandon_kills_a_booting_server_silently(seconds_into_start: float, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", ABANDON_MID_START, str(seconds_into_start)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env=without_session_server(tmp_path / "prefect-home"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "servers 1 alive 0" in result.stdout, result.stdout + result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == "error: the run's own last line", result.stderr[-3000:]
