@@ -4,7 +4,7 @@
 Each training runs in a fresh process (load, attach, train_adapter: the train step's core), alternating the two,
 with the backend's choice overridden. Prints one JSON line per training and the medians:
 
-    .venv/bin/python bench/cpu_loss.py --config deployments/configs/tiny-cpu.yaml --steps 40 --repeats 2
+    .venv/bin/python bench/cpu_loss.py --config deployments/configs/tiny-cpu.yaml --steps 40 --repeats 3
     .venv/bin/python bench/cpu_loss.py --config deployments/configs/smollm2-135m-cpu.yaml --steps 6 --repeats 2
 
 Results: docs/benchmarks.md, "The loss on a CPU".
