@@ -13,16 +13,17 @@ from typing import Any
 
 from loraflow.backends import LiveModel, local_device_index
 from loraflow.config import LoraSettings, ModelConfig
-from loraflow.logs import run_logger
+from loraflow.logs import root_logging_left_alone, run_logger
 from loraflow.compile_cache import use_compile_cache
 from loraflow.memory import describe_decision, keep_gradient_checkpointing, measure_gpu
 from loraflow.scoring import whole_row_log_likelihoods
 
 use_compile_cache()
 
-import unsloth  # noqa: E402, F401  (must precede transformers; see the module docstring)
-from unsloth import FastLanguageModel  # noqa: E402
-from unsloth.utils import attention_dispatch  # noqa: E402
+with root_logging_left_alone():  # Unsloth's logging.basicConfig would take the place of Prefect's console handler
+    import unsloth  # noqa: E402, F401  (must precede transformers; see the module docstring)
+    from unsloth import FastLanguageModel  # noqa: E402
+    from unsloth.utils import attention_dispatch  # noqa: E402
 
 _UNSLOTH_VARLEN = (attention_dispatch._TORCH_VARLEN_ATTN, attention_dispatch._LEAN_VARLEN,
                    getattr(attention_dispatch, "_varlen_can_use_cudnn", None))

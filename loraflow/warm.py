@@ -51,9 +51,12 @@ def preimport(backend: str) -> list[str]:
     if backend == "unsloth":
         from loraflow.compile_cache import use_compile_cache
 
+        from loraflow.logs import root_logging_left_alone
+
         use_compile_cache()
-        import unsloth  # noqa: F401  (before transformers, as in loraflow/backend_unsloth.py)
-        from unsloth import FastLanguageModel  # noqa: F401
+        with root_logging_left_alone():  # the run's Prefect sets up the console, as in a new process
+            import unsloth  # noqa: F401  (before transformers, as in loraflow/backend_unsloth.py)
+            from unsloth import FastLanguageModel  # noqa: F401
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401

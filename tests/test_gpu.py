@@ -48,6 +48,7 @@ def run_flow(work: Path, *overrides: str) -> tuple[int, str, dict[str, float]]:
                 seen[key] = round(time.perf_counter() - started, 2)
     code = process.wait(timeout=900)
     seen["total_s"] = round(time.perf_counter() - started, 2)
+    (work / "run.log").write_text("".join(lines), encoding="utf-8")  # the whole log, for a failure's post-mortem
     return code, "".join(lines), seen
 
 
