@@ -142,8 +142,8 @@ class TrainSettings(Section):
     per_device_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
     warmup_steps: int = Field(5, ge=0)
-    max_steps: int | None = Field(60, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
-    num_epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(60, gt=0, description="Stop after this many optimizer steps; null to train by epochs.")
+    num_epochs: float | None = Field(None, gt=0, description="Passes over the data; alone, it unsets max_steps' default.")
     learning_rate: float = Field(2e-4, gt=0)
     optimizer: str = Field(
         "auto", description="auto = adamw_torch_fused on CUDA, adamw_torch on CPU (resolved_optimizer); or any HF optim name."
@@ -201,6 +201,20 @@ class TrainSettings(Section):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be auto or a number ≥ 1")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_or_steps(cls, data: Any) -> Any:
+        """num_epochs given alone trains by epochs (max_steps' default of 60 would otherwise win, as max_steps does
+        in the trainer); given beside a max_steps, one of them would be ignored: an error, not a silent choice."""
+        if not isinstance(data, dict) or data.get("num_epochs") is None:
+            return data
+        if "max_steps" not in data:
+            return {**data, "max_steps": None}
+        if data["max_steps"] is not None:
+            raise ValueError(f"train.max_steps ({data['max_steps']}) and train.num_epochs ({data['num_epochs']}) are "
+                             "both set, and max_steps would win: set train.max_steps=null to train by epochs")
+        return data
 
     @model_validator(mode="after")
     def _has_a_length(self) -> "TrainSettings":

@@ -262,6 +262,37 @@ def check_tracking(train: Any) -> None:
     `train` is a TrainSettings. Raises ConfigError (exit 2 from `loraflow run`)."""
     check_trainer_args(train.trainer_args)
     check_report_to(train.report_to)
+    check_optimizer_and_scheduler(train.optimizer, train.lr_scheduler)
+
+
+def check_optimizer_and_scheduler(optimizer: str, lr_scheduler: str) -> None:
+    """train.optimizer and train.lr_scheduler as the trainer will take them, checked by transformers itself
+    (SchedulerType; TrainingArguments and Trainer.get_optimizer_cls_and_kwargs, which also import the optimizer's
+    package) before any model loads: an unknown name, or an optimizer whose package is not installed here
+    (adamw_8bit without bitsandbytes). The defaults (auto, linear) are built in and not checked, which keeps
+    transformers' Trainer out of a default run's checks. Raises ConfigError naming the key."""
+    if lr_scheduler != "linear":
+        from transformers import SchedulerType
+
+        names = [kind.value for kind in SchedulerType]
+        if lr_scheduler not in names:
+            close = difflib.get_close_matches(lr_scheduler, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(names)}"
+            raise ConfigError(f"train.lr_scheduler: {lr_scheduler!r} is not a scheduler of transformers; {hint}")
+    if optimizer == "auto":
+        return
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    names = [name.value for name in OptimizerNames]
+    if optimizer not in names:
+        close = difflib.get_close_matches(optimizer, names, n=1)
+        hint = f"did you mean {close[0]}?" if close else "use auto, or one of transformers' OptimizerNames"
+        raise ConfigError(f"train.optimizer: {optimizer!r} is not an optimizer of transformers; {hint}")
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(optim=optimizer, report_to=[]))
+    except (ImportError, ValueError) as exc:  # its package missing: transformers says which, and how to install it
+        raise ConfigError(f"train.optimizer: {optimizer!r}: {str(exc).strip().splitlines()[0]}") from None
 
 
 # --- during training ------------------------------------------------------------------------------------------

@@ -77,12 +77,20 @@ def test_deep_merge_keeps_siblings() -> None:
         ({"lora": {"rank": 8}}, "lora.rank"),
         ({"prompt": {"template": "no placeholders"}}, "prompt.template"),
         ({"train": {"max_steps": None, "num_epochs": None}}, "set train.max_steps or train.num_epochs"),
+        ({"train": {"num_epochs": 1}}, "are both set, and max_steps would win"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction"),
     ],
 )
 def test_invalid_config_names_the_field(override: dict, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(ROOT / "deployments" / "configs" / "tiny-cpu.yaml", [override])
+
+
+def test_num_epochs_alone_trains_by_epochs() -> None:
+    # without a max_steps anywhere, max_steps' default (60) must not silently win over the epochs asked for
+    cfg = load_config(None, [{"data": {"uri": "x.jsonl"}, "model": {"name": "x"}, "train": {"num_epochs": 2}}])
+    assert cfg.train.max_steps is None and cfg.train.num_epochs == 2
+    assert load_config(None, [{"data": {"uri": "x.jsonl"}, "model": {"name": "x"}}]).train.max_steps == 60
 
 
 def test_missing_sections_are_named() -> None:

@@ -5,6 +5,7 @@ cache key and the result, and bad passthrough keys stop `loraflow run` before an
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -156,12 +157,34 @@ def test_the_flow_checks_trainer_args_at_its_door() -> None:
         finetune.fn(config=config)
 
 
+@pytest.mark.parametrize(("optimizer", "scheduler", "words"), [
+    ("adamw_torh", "linear", ["train.optimizer", "'adamw_torh'", "did you mean adamw_torch"]),
+    ("auto", "warmup_cosine", ["train.lr_scheduler", "'warmup_cosine'"]),
+])
+def test_an_unknown_optimizer_or_scheduler_names_the_key(optimizer: str, scheduler: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        tracking.check_optimizer_and_scheduler(optimizer, scheduler)
+    assert all(word in str(caught.value) for word in words), caught.value
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_an_optimizer_whose_package_is_missing_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="train.optimizer: 'adamw_8bit': You need to install `bitsandbytes`"):
+        tracking.check_optimizer_and_scheduler("adamw_8bit", "linear")
+
+
+def test_built_in_optimizers_and_schedulers_pass() -> None:
+    for optimizer, scheduler in (("auto", "linear"), ("adamw_torch", "cosine"), ("adafactor", "constant_with_warmup")):
+        tracking.check_optimizer_and_scheduler(optimizer, scheduler)
+
+
 # --- through `loraflow run`: bad keys stop before anything loads -----------------------------------------------
 
 
 @pytest.mark.parametrize(("assignment", "words"), [
     ("train.trainer_args.max_grad_nrom=0.5", ["train.trainer_args.max_grad_nrom", "did you mean max_grad_norm"]),
     ("train.trainer_args.output_dir=/tmp/elsewhere", ["train.trainer_args", "output_dir", "set output.dir"]),
+    ("train.lr_scheduler=cosin", ["train.lr_scheduler", "'cosin'", "did you mean cosine"]),
 ])
 def test_a_bad_trainer_arg_exits_2_before_any_model_loads(assignment: str, words: list[str], tmp_path: Path) -> None:
     model_cache = tmp_path / "model-cache"
