@@ -95,8 +95,15 @@ def add_store_commands(commands: Any) -> None:
 
 
 def overrides_from(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run's options as config overrides, in order. Raises ConfigError for an option given empty."""
     from loraflow.config import parse_assignment
+    from loraflow.errors import ConfigError
 
+    for option in ("dataset", "eval_dataset", "model", "output"):
+        if getattr(args, option) is not None and not getattr(args, option).strip():
+            # left out, the config's own value would be used without a word: `--dataset "$DATA"` with DATA unset
+            raise ConfigError(f"--{option.replace('_', '-')} is empty (an unset shell variable?): give a value, or "
+                              "leave the option out to use the config's")
     named = {
         "data": {k: v for k, v in (("uri", args.dataset), ("eval_uri", args.eval_dataset)) if v},
         "model": {"name": args.model} if args.model else {},

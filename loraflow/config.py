@@ -212,8 +212,8 @@ class TrainSettings(Section):
         if "max_steps" not in data:
             return {**data, "max_steps": None}
         if data["max_steps"] is not None:
-            raise ValueError(f"train.max_steps ({data['max_steps']}) and train.num_epochs ({data['num_epochs']}) are "
-                             "both set, and max_steps would win: set train.max_steps=null to train by epochs")
+            raise ValueError(f"max_steps ({data['max_steps']}) and num_epochs ({data['num_epochs']}) are both set, and "
+                             "max_steps would win: set train.max_steps=null to train by epochs")
         return data
 
     @model_validator(mode="after")
@@ -412,6 +412,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file (deployments/configs/ holds the shipped ones)") from None
+    except (PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a UTF-8 text file: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(loaded, dict):

@@ -237,7 +237,18 @@ def parse_csv(text: str, name: str) -> list[tuple[str, Any]]:
     files the rest under a key of None, so the text after the comma becomes the next column (the label ' dark')
     and the real label is lost. Raises DatasetError naming the row, its line, both counts and the hint to quote.
     """
+    # Python's csv refuses a field over 131,072 characters; a long field is no malformed row (the token-length
+    # checks say what is too long for max_seq_length), so the limit is the text's own length.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text))
+    try:
+        return csv_records(reader, name)
+    except csv.Error as exc:
+        raise DatasetError(f"{name}: line {reader.line_num}: not valid CSV: {exc}") from None
+
+
+def csv_records(reader: Any, name: str) -> list[tuple[str, Any]]:
+    """The rows of `reader` (a csv.reader at the file's start) keyed by the header; see parse_csv."""
     header = next(reader, [])
     repeated = sorted({column for column in header if header.count(column) > 1})
     if repeated:  # dict(zip(...)) would keep the last column of the name and lose the others without a word

@@ -65,6 +65,20 @@ def test_a_config_file_that_is_not_yaml_is_one_line_naming_the_place(tmp_path: P
     assert "\n" not in message and message.startswith(f"{broken}: not valid YAML: ") and "line 3" in message
 
 
+def test_a_folder_given_as_the_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: a folder, not a config file"):
+        load_config(tmp_path, [])
+
+
+@pytest.mark.parametrize("option", ["--dataset", "--eval-dataset", "--model", "--output"])
+def test_an_option_given_empty_is_an_error_not_the_configs_value(option: str) -> None:
+    from cli.main import build_parser, overrides_from
+
+    args = build_parser().parse_args(["run", "--config", "x.yaml", option, ""])
+    with pytest.raises(ConfigError, match=f"^{option} is empty"):
+        overrides_from(args)
+
+
 def test_deep_merge_keeps_siblings() -> None:
     assert deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
 

@@ -107,6 +107,17 @@ def test_quoted_commas_are_one_field(tmp_path: Path) -> None:
         {"instruction": "Classify.", "input": "The room was small, dark, and cold", "output": "negative"}]
 
 
+def test_a_csv_field_over_pythons_field_limit_is_read_whole(tmp_path: Path) -> None:
+    # csv's own limit is 131,072 characters a field; how long is too long is max_seq_length's call (part 2)
+    from loraflow.data import read_dataset
+
+    csv = tmp_path / "long.csv"
+    long_input = "很长的评论。" * 40_000  # 240,000 characters
+    csv.write_text(f"instruction,input,output\nClassify.,{long_input},negative\nClassify.,Short.,positive\n")
+    rows = read_dataset(str(csv)).rows
+    assert [len(row["input"]) for row in rows] == [240_000, 6] and rows[0]["input"] == long_input
+
+
 # --- 2. examples longer than model.max_seq_length ----------------------------------------------------------------
 
 
