@@ -133,7 +133,7 @@ def print_plan(cfg: Any, prompts: Any) -> None:
     print(f"data: {source.uri}" + (f" (the newest data file under {source.source})" if source.from_folder else ""))
     print(f"train: {trained} examples"
           + (f" ({prompts.num_too_long} longer than model.max_seq_length left out)" if prompts.num_too_long else "")
-          + f", the longest {prompts.longest_tokens} tokens (model.max_seq_length {cfg.model.max_seq_length}); "
+          + f", the longest kept {prompts.longest_tokens} tokens (model.max_seq_length {cfg.model.max_seq_length}); "
           f"each seen {passes_over_data(cfg.train, trained):.3g} times")
     scored = min(len(prompts.eval_examples), cfg.infer.max_eval_examples) if prompts.labels else 0
     print(f"eval: {len(prompts.eval_examples)} held-out examples"

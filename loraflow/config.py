@@ -431,9 +431,27 @@ def build_config(raw: dict[str, Any], source: str = "config") -> FinetuneConfig:
         problems = "; ".join(
             # pydantic prefixes a validator's own message with "Value error, ": the message is ours, say it plainly
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+            f"{closest_key_hint(err)}"
             for err in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def closest_key_hint(error: Any) -> str:
+    """'; did you mean max_steps?' for a key no section has (pydantic's extra_forbidden) that is close to one it
+    has (difflib's ratio ≥ 0.6, its default); '' otherwise."""
+    if error["type"] != "extra_forbidden":
+        return ""
+    import difflib
+
+    model: Any = FinetuneConfig
+    for part in error["loc"][:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""
+    close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def load_config(

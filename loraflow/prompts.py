@@ -57,7 +57,7 @@ class Prompts:
     eos_token: str
     why_no_labels: str | None = None  # what keeps the eval outputs from forming a label set; None when they do
     num_too_long: int = 0  # training examples left out: longer than model.max_seq_length (their answers would be cut)
-    longest_tokens: int = 0  # the longest training example in tokens, left out or not (0: not measured)
+    longest_tokens: int = 0  # the longest training example kept, in tokens (0: not measured)
     num_eval_copies: int = 0  # eval rows removed for being identical to a training row
     notes: list[str] = field(default_factory=list)  # what the user must know about the data, one sentence each
 
@@ -372,7 +372,7 @@ def build_prompts(
         eos_token=tokenizer.eos_token,
         why_no_labels=plan.why_no_labels,
         num_too_long=len(too_long),
-        longest_tokens=max(lengths, default=0),
+        longest_tokens=max((n for i, n in enumerate(lengths) if n <= (model.max_seq_length if model else n)), default=0),
         num_eval_copies=plan.num_eval_copies,
         notes=notes,
     )

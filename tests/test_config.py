@@ -89,6 +89,8 @@ def test_deep_merge_keeps_siblings() -> None:
         ({"train": {"learning_rate": -1}}, "train.learning_rate"),
         ({"model": {"backend": "vllm"}}, "model.backend"),
         ({"lora": {"rank": 8}}, "lora.rank"),
+        ({"train": {"max_step": 8}}, "train.max_step: Extra inputs are not permitted; did you mean max_steps?"),
+        ({"trian": {"max_steps": 8}}, "trian: Extra inputs are not permitted; did you mean train?"),
         ({"prompt": {"template": "no placeholders"}}, "prompt.template"),
         ({"train": {"max_steps": None, "num_epochs": None}}, "set train.max_steps or train.num_epochs"),
         ({"train": {"num_epochs": 1}}, "are both set, and max_steps would win"),
