@@ -87,7 +87,7 @@ def checkpoints_prefix(train_cache_key: str) -> str:
 
 
 DATASET_RESULT_VERSION = 2  # in fetch-dataset's key: a Dataset cached in another shape is never read back
-PROMPTS_RESULT_VERSION = 2  # the same for format-prompts' Prompts
+PROMPTS_RESULT_VERSION = 3  # the same for format-prompts' Prompts, and for how they are formed (answers trimmed)
 
 
 def dataset_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:

@@ -198,6 +198,29 @@ class RowPlan:
     num_eval_copies: int  # eval rows removed for being identical to a training row
     labels: list[str] | None
     why_no_labels: str | None
+    num_answers_trimmed: int = 0  # training answers that had whitespace around them, trained without it
+    first_trimmed: str | None = None  # the first of them as it was in the file
+
+
+def trim_answers(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, str | None]:
+    """The rows with the spaces and line breaks around each answer (an output, a conversation's last turn) removed;
+    how many answers had any, and the first as it was. Answers are scored stripped (labels, accuracy), so an answer
+    trained as ' negative' or 'positive\n' teaches a token the scorer never looks for: the leading space changes the
+    answer's first token, the reason a template with whitespace before {output} is refused (config.PromptConfig)."""
+    trimmed: list[dict[str, Any]] = []
+    changed, first = 0, None
+    for row in rows:
+        answer = answer_of(row)
+        if answer == answer.strip():
+            trimmed.append(row)
+            continue
+        changed, first = changed + 1, first if first is not None else answer
+        if "messages" in row:
+            messages = row["messages"][:-1] + [{**row["messages"][-1], "content": answer.strip()}]
+            trimmed.append({**row, "messages": messages})
+        else:
+            trimmed.append({**row, "output": answer.strip()})
+    return trimmed, changed, first
 
 
 def plan_rows(train: Dataset, eval_dataset: Dataset | None, prompt: PromptConfig, data: DataConfig) -> RowPlan:
@@ -232,7 +255,9 @@ def plan_rows(train: Dataset, eval_dataset: Dataset | None, prompt: PromptConfig
         raise DatasetError(f"{where}; nothing would be held out, and an accuracy on them would measure memory. Remove "
                            "the repeated rows, or give data.eval_uri rows the model does not train on")
     why_not = why_no_label_set(train_rows, kept)
-    return RowPlan(train_rows, kept, copies, None if why_not else closed_label_set(train_rows, kept), why_not)
+    labels = None if why_not else closed_label_set(train_rows, kept)
+    train_rows, num_trimmed, first_trimmed = trim_answers(train_rows)
+    return RowPlan(train_rows, kept, copies, labels, why_not, num_trimmed, first_trimmed)
 
 
 def check_template_fits(template: str, datasets: list[Dataset]) -> None:
@@ -355,6 +380,12 @@ def build_prompts(
         )
         dropped = set(too_long)
         texts = [pair for i, pair in enumerate(texts) if i not in dropped]
+    if plan.num_answers_trimmed:
+        notes.append(
+            f"{plan.num_answers_trimmed} of {len(plan.train_rows)} training answers had spaces or line breaks around "
+            f"them (the first: {shortened(plan.first_trimmed or '', 40)!r}); they are trained without them, as every "
+            "answer is scored without them"
+        )
     if plan.why_no_labels and plan.eval_rows:
         notes.append(f"eval accuracy is not measured: {plan.why_no_labels}")
     notes += [f"labels {' and '.join(repr(label) for label in group)} differ only in case, width or accents: they are "

@@ -196,6 +196,35 @@ def test_a_newline_before_output_is_fine_and_the_answer_starts_at_a_token_bounda
         assert tokenizer(prompt + completion)["input_ids"][: len(head)] == head  # TRL's mismatch check holds
 
 
+def test_whitespace_around_answers_is_trimmed_and_said() -> None:
+    # scoring strips answers; a model trained on ' negative' or 'positive\n' would learn tokens never scored
+    from loraflow.config import load_config
+    from loraflow.data import Dataset
+    from loraflow.prompts import build_prompts, load_tokenizer
+
+    cfg = load_config(TINY_CONFIG, [{"data": {"eval_fraction": 0}}])
+    padded = [(text, {0: f" {label}", 1: f"{label}\n"}.get(i, label)) for i, (text, label) in enumerate(SHORT)]
+    dataset = Dataset("d.json", rows(padded), "0", {"instruction": 12, "input": 12, "output": 12})
+    tokenizer = load_tokenizer(cfg.model.name, None)
+    prompts = build_prompts(dataset, None, cfg.prompt, cfg.data, cfg.infer, tokenizer, cfg.model)
+    eos = tokenizer.eos_token
+    assert sorted(prompts.train_completions) == sorted(f"{label}{eos}" for _, label in SHORT)  # the split shuffles
+    note = next(note for note in prompts.notes if "spaces or line breaks" in note)
+    assert note.startswith("2 of 12 training answers had spaces or line breaks around them (the first: ")
+    assert "' positive'" in note or "'negative\\n'" in note
+
+
+def test_a_conversations_last_turn_is_trimmed_like_an_output() -> None:
+    from loraflow.prompts import trim_answers
+
+    chat = {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello!\n\n"}]}
+    plain = {"instruction": "Say hi.", "input": "", "output": "Hi"}
+    trimmed, count, first = trim_answers([chat, plain])
+    assert (count, first) == (1, "Hello!\n\n")
+    assert trimmed[0]["messages"] == [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello!"}]
+    assert trimmed[1] is plain and chat["messages"][1]["content"] == "Hello!\n\n"  # the rows read are not changed
+
+
 # --- 5. one label ----------------------------------------------------------------------------------------------
 
 
