@@ -265,12 +265,17 @@ def check_tracking(train: Any) -> None:
     check_optimizer_and_scheduler(train.optimizer, train.lr_scheduler)
 
 
+# transformers' optim names whose optimizer torch or transformers itself provides (no package to check), and auto
+# (config.resolved_optimizer): checked without importing transformers' Trainer, ~1.5 CPU-s on this 2-core machine
+OPTIMIZERS_OF_TORCH = frozenset({"auto", "adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor"})
+
+
 def check_optimizer_and_scheduler(optimizer: str, lr_scheduler: str) -> None:
     """train.optimizer and train.lr_scheduler as the trainer will take them, checked by transformers itself
     (SchedulerType; TrainingArguments and Trainer.get_optimizer_cls_and_kwargs, which also import the optimizer's
     package) before any model loads: an unknown name, or an optimizer whose package is not installed here
-    (adamw_8bit without bitsandbytes). The defaults (auto, linear) are built in and not checked, which keeps
-    transformers' Trainer out of a default run's checks. Raises ConfigError naming the key."""
+    (adamw_8bit without bitsandbytes). The linear scheduler and OPTIMIZERS_OF_TORCH are built in and not checked,
+    which keeps transformers' Trainer out of most runs' checks. Raises ConfigError naming the key."""
     if lr_scheduler != "linear":
         from transformers import SchedulerType
 
@@ -279,7 +284,7 @@ def check_optimizer_and_scheduler(optimizer: str, lr_scheduler: str) -> None:
             close = difflib.get_close_matches(lr_scheduler, names, n=1)
             hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(names)}"
             raise ConfigError(f"train.lr_scheduler: {lr_scheduler!r} is not a scheduler of transformers; {hint}")
-    if optimizer == "auto":
+    if optimizer in OPTIMIZERS_OF_TORCH:
         return
     from transformers import Trainer, TrainingArguments
     from transformers.training_args import OptimizerNames

@@ -178,6 +178,12 @@ def test_built_in_optimizers_and_schedulers_pass() -> None:
         tracking.check_optimizer_and_scheduler(optimizer, scheduler)
 
 
+def test_the_optimizers_passed_unchecked_are_transformers_names() -> None:
+    from transformers.training_args import OptimizerNames
+
+    assert tracking.OPTIMIZERS_OF_TORCH - {"auto"} <= {name.value for name in OptimizerNames}
+
+
 # --- through `loraflow run`: bad keys stop before anything loads -----------------------------------------------
 
 
