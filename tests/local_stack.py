@@ -58,6 +58,19 @@ def start_deployment_run(env: dict[str, str], deployment: str, config_file: str,
     return re.search(r"UUID: ([0-9a-f-]{36})", printed.stdout).group(1)
 
 
+def set_deployment_parameters(api: str, deployment: str, parameters: dict[str, Any]) -> str:
+    """PATCH the parameters of deployment `flow/name`; returns its id. A 503 is retried, as Prefect's own client
+    retries it: the server answers 503 when its SQLite database stays locked past its timeout under load."""
+    deployment_id = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()["id"]
+    for attempt in range(6):
+        patched = httpx.patch(f"{api}/deployments/{deployment_id}", timeout=30, json={"parameters": parameters})
+        if patched.status_code != 503:
+            break
+        time.sleep(2 ** attempt)
+    assert patched.status_code < 300, patched.text
+    return deployment_id
+
+
 def flow_run_state(api: str, run_id: str) -> str:
     response = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30)
     response.raise_for_status()

@@ -41,7 +41,7 @@ from loraflow.significance import mcnemar_exact_p
 from loraflow.webhook import sign
 from tests.conftest import TINY_CONFIG
 from tests.hub_standin import HubStandIn
-from tests.local_stack import read_env_file, stack_env, stack_script, wait_for_state
+from tests.local_stack import read_env_file, set_deployment_parameters, stack_env, stack_script, wait_for_state
 
 pytestmark = pytest.mark.slow
 
@@ -128,12 +128,10 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             data = datasets()
             s3.put_object(Bucket=BUCKET, Key="eval/eval.jsonl", Body=jsonl(data["eval"]))
             config_file = write_config(state)
-            deployment = httpx.get(f"{api}/deployments/name/finetune/on-upload", timeout=30).json()
-            patched = httpx.patch(f"{api}/deployments/{deployment['id']}", timeout=30,
-                                  json={"parameters": {"config_file": str(config_file), "config": {}}})
-            assert patched.status_code < 300, patched.text
+            deployment_id = set_deployment_parameters(api, "finetune/on-upload",
+                                                      {"config_file": str(config_file), "config": {}})
             yield {"state": state, "api": api, "s3": s3, "data": data, "alerts": alerts, "hub": hub.record,
-                   "config_file": config_file, "deployment": deployment["id"], "started": started,
+                   "config_file": config_file, "deployment": deployment_id, "started": started,
                    "secret": read_env_file(state / "webhook.env")["LORAFLOW_WEBHOOK_SECRET"],
                    "webhook": f"http://127.0.0.1:{env['LORAFLOW_WEBHOOK_PORT']}/hooks/dataset-upload",
                    "env": {**env, "PREFECT_API_URL": api, "PREFECT_HOME": str(state / "prefect-home")},

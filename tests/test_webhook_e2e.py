@@ -24,7 +24,7 @@ import yaml
 
 from loraflow.webhook import sign
 from tests.conftest import DEMO_DATA, ROOT, TINY_CONFIG
-from tests.local_stack import stack_env, stack_script
+from tests.local_stack import set_deployment_parameters, stack_env, stack_script
 from tests.s3_server import free_port
 
 pytestmark = pytest.mark.slow  # moto, the receiver, the Prefect server and worker, training
@@ -85,11 +85,9 @@ def on_upload(stack: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     config["output"] = {"dir": str(out / "adapter"), "store": str(out / "store")}
     config_file = out / "tiny-cpu.yaml"
     config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
-    deployment = httpx.get(f"{stack['api']}/deployments/name/finetune/on-upload", timeout=30).json()
-    patched = httpx.patch(f"{stack['api']}/deployments/{deployment['id']}", timeout=30,
-                          json={"parameters": {"config_file": str(config_file), "config": {}}})
-    assert patched.status_code < 300, patched.text
-    return {"id": deployment["id"], "out": out}
+    deployment_id = set_deployment_parameters(stack["api"], "finetune/on-upload",
+                                              {"config_file": str(config_file), "config": {}})
+    return {"id": deployment_id, "out": out}
 
 
 class Receiver:
