@@ -365,7 +365,7 @@ def build_prompts(
             "answer cannot be split off at a token boundary; end the prompt with a newline or a character the answer "
             "cannot join"
         )
-    too_long = [i for i, n in enumerate(lengths) if model is not None and n > model.max_seq_length]
+    too_long = {i for i, n in enumerate(lengths) if model is not None and n > model.max_seq_length}
     if too_long and len(too_long) == len(texts):
         raise DatasetError(
             f"{train.uri}: all {len(texts)} training examples are longer than model.max_seq_length "
@@ -378,8 +378,7 @@ def build_prompts(
             f"{model.max_seq_length} tokens (the longest: {max(lengths)}) and were left out, since their answers would "
             f"be cut off; set model.max_seq_length: {max(lengths)} to train on them"
         )
-        dropped = set(too_long)
-        texts = [pair for i, pair in enumerate(texts) if i not in dropped]
+        texts = [pair for i, pair in enumerate(texts) if i not in too_long]
     if plan.num_answers_trimmed:
         notes.append(
             f"{plan.num_answers_trimmed} of {len(plan.train_rows)} training answers had spaces or line breaks around "
@@ -403,7 +402,7 @@ def build_prompts(
         eos_token=tokenizer.eos_token,
         why_no_labels=plan.why_no_labels,
         num_too_long=len(too_long),
-        longest_tokens=max((n for i, n in enumerate(lengths) if n <= (model.max_seq_length if model else n)), default=0),
+        longest_tokens=max((n for i, n in enumerate(lengths) if i not in too_long), default=0),
         num_eval_copies=plan.num_eval_copies,
         notes=notes,
     )
